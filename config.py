@@ -1,0 +1,309 @@
+"""Typed configuration for Bert4MusicRec: presets, file and CLI overrides, validation.
+
+Every module reads its settings from one ``Config``. Vocabulary sizes are not part of it:
+they come from the fitted encoders, so they can never disagree with the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent
+DEMO_DATA_DIR = REPO_ROOT / "demo data"
+DEMO_ENCODERS_DIR = REPO_ROOT / "preprocessing encoders"
+SQL_DIR = REPO_ROOT / "sql"
+BUILD_DIR = REPO_ROOT / "build"
+RUNS_DIR = REPO_ROOT / "runs"
+
+SPLIT_PROTOCOLS = ("playlist", "leave_one_out")
+POSITIONAL_ENCODINGS = ("learned", "sinusoidal")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    """How playlists become training samples."""
+
+    seq_len: int = 32
+    cloze_probability: float = 0.25
+    split_protocol: str = "playlist"
+    train_share: float = 0.9
+    min_playlist_len: int = 2
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the network; d_model = d_song + d_album + d_artist."""
+
+    d_song: int = 64
+    d_album: int = 32
+    d_artist: int = 32
+    d_ff: int = 512
+    n_layers: int = 3
+    n_heads: int = 2
+    dropout: float = 0.1
+    positional: str = "learned"
+    tie_head: bool = True
+    side_features: bool = True
+
+    @property
+    def d_model(self) -> int:
+        """Width of every position's vector inside the transformer."""
+        return self.d_song + self.d_album + self.d_artist
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, evaluation and run bookkeeping."""
+
+    batch_size: int = 256
+    eval_batch_size: int = 512
+    epochs: int = 50
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_share: float = 0.05
+    grad_clip: float = 1.0
+    patience: int = 5
+    num_workers: int = 0
+    device: str = "auto"
+    seed: int = 42
+    exclude_seen: bool = False
+    threads: int = 0
+    log_every: int = 10
+
+
+@dataclass
+class PathsConfig:
+    """Where inputs are read and outputs written; relative paths are relative to the repo."""
+
+    data_dir: Path = BUILD_DIR / "demo"
+    run_dir: Path = RUNS_DIR / "demo"
+    demo_data_dir: Path = DEMO_DATA_DIR
+    encoders_dir: Path = DEMO_ENCODERS_DIR
+
+
+@dataclass
+class Config:
+    """The whole configuration of one run."""
+
+    preset: str = "full"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict (paths as strings), as stored in checkpoints."""
+        return _jsonable(asdict(self))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Config:
+        """Rebuild and validate a configuration written by ``to_dict``."""
+        config = cls()
+        _apply(config, values, prefix="")
+        validate(config)
+        return config
+
+
+def _preset_full() -> Config:
+    """The original design's sizes, for a real catalog."""
+    return Config(preset="full")
+
+
+def _preset_demo() -> Config:
+    """A smaller model that trains on the demo data in a few CPU minutes."""
+    config = Config(preset="demo")
+    config.data.seq_len = 32
+    config.data.cloze_probability = 0.2
+    config.model.d_song = 64
+    config.model.d_album = 32
+    config.model.d_artist = 32
+    config.model.d_ff = 256
+    config.model.n_layers = 2
+    config.model.n_heads = 2
+    config.model.dropout = 0.2
+    config.train.batch_size = 128
+    config.train.epochs = 30
+    config.train.lr = 2e-3
+    config.train.patience = 4
+    return config
+
+
+PRESETS = {"demo": _preset_demo, "full": _preset_full}
+
+
+def _jsonable(value: Any) -> Any:
+    """Convert paths to strings recursively so the dict can be dumped as JSON."""
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _coerce(key: str, current: Any, value: Any) -> Any:
+    """Convert ``value`` to the type of the field it replaces, or raise naming ``key``."""
+    try:
+        if isinstance(current, bool):
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered in ("1", "true", "yes", "on"):
+                    return True
+                if lowered in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if isinstance(value, (bool, int)) and value in (0, 1):
+                return bool(value)
+            raise ValueError(value)
+        if isinstance(current, int):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            number = float(value)
+            if not number.is_integer():
+                raise ValueError(value)
+            return int(number)
+        if isinstance(current, float):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if isinstance(current, Path):
+            path = Path(value).expanduser()
+            return path if path.is_absolute() else REPO_ROOT / path
+        return str(value)
+    except (TypeError, ValueError):
+        kind = type(current).__name__
+        raise ConfigError(f"{key}: expected {kind}, got {value!r}") from None
+
+
+def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
+    """Overwrite fields of a dataclass from a nested dict, refusing unknown keys."""
+    known = {item.name: item for item in fields(section)}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in known:
+            raise ConfigError(f"{key}: unknown setting (known: {', '.join(sorted(known))})")
+        current = getattr(section, name)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a table of settings, got {value!r}")
+            _apply(current, value, prefix=f"{key}.")
+        else:
+            setattr(section, name, _coerce(key, current, value))
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    """Read a JSON, TOML or YAML configuration file into a dict."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            values = json.loads(text)
+        elif suffix == ".toml":
+            values = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            values = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"{path}: use a .json, .toml, .yaml or .yml file")
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: cannot parse: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a table of sections")
+    return values
+
+
+def _parse_override(text: str) -> dict[str, Any]:
+    """Turn ``section.key=value`` into a nested dict."""
+    key, sep, value = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {text!r}: write it as section.key=value, e.g. train.lr=0.001")
+    return {parts[0]: {parts[1]: value.strip()}}
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    """Raise a ConfigError naming ``key`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(config: Config) -> None:
+    """Refuse settings that cannot train, naming the first offending key."""
+    data, model, train = config.data, config.model, config.train
+    _check(data.seq_len >= 2, "data.seq_len", "must be at least 2")
+    _check(0 < data.cloze_probability < 1, "data.cloze_probability", "must be in (0, 1)")
+    _check(0 < data.train_share < 1, "data.train_share", "must be in (0, 1)")
+    _check(data.split_protocol in SPLIT_PROTOCOLS, "data.split_protocol",
+           f"must be one of {', '.join(SPLIT_PROTOCOLS)}")
+    _check(data.min_playlist_len >= 2, "data.min_playlist_len", "must be at least 2")
+    for name in ("d_song", "d_ff", "n_layers", "n_heads"):
+        _check(getattr(model, name) >= 1, f"model.{name}", "must be positive")
+    for name in ("d_album", "d_artist"):
+        _check(getattr(model, name) >= 0, f"model.{name}", "must not be negative")
+    _check(model.d_model % model.n_heads == 0, "model.n_heads",
+           f"must divide d_model = d_song + d_album + d_artist = {model.d_model}")
+    _check(0 <= model.dropout < 1, "model.dropout", "must be in [0, 1)")
+    _check(model.positional in POSITIONAL_ENCODINGS, "model.positional",
+           f"must be one of {', '.join(POSITIONAL_ENCODINGS)}")
+    for name in ("batch_size", "eval_batch_size", "epochs", "patience", "log_every"):
+        _check(getattr(train, name) >= 1, f"train.{name}", "must be positive")
+    _check(train.lr > 0, "train.lr", "must be positive")
+    _check(train.weight_decay >= 0, "train.weight_decay", "must not be negative")
+    _check(0 <= train.warmup_share < 1, "train.warmup_share", "must be in [0, 1)")
+    _check(train.grad_clip >= 0, "train.grad_clip", "must not be negative (0 disables clipping)")
+    _check(train.num_workers >= 0, "train.num_workers", "must not be negative")
+    _check(train.threads >= 0, "train.threads", "must not be negative (0 keeps torch's default)")
+    _check(train.device in DEVICES, "train.device", f"must be one of {', '.join(DEVICES)}")
+
+
+def load_config(
+    preset: str = "demo",
+    file: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> Config:
+    """Build a configuration: preset, then the file's values, then ``section.key=value`` flags."""
+    if preset not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    config = PRESETS[preset]()
+    if file is not None:
+        values = _read_file(Path(file))
+        values.pop("preset", None)
+        _apply(config, values, prefix="")
+    for text in overrides or []:
+        _apply(config, _parse_override(text), prefix="")
+    validate(config)
+    return config
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str = "demo") -> None:
+    """Add --preset, --config and --set to a command-line parser."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=default_preset,
+                        help="starting point for every setting (default: %(default)s)")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="JSON, TOML or YAML file overriding the preset")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE",
+                        help="override one setting, e.g. --set train.lr=0.001 (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Build the configuration from arguments added by ``add_config_arguments``."""
+    return load_config(args.preset, args.config, list(args.overrides))
+
+
+def clone(config: Config) -> Config:
+    """Deep copy, so a caller can tweak one run without touching another's settings."""
+    return copy.deepcopy(config)
