@@ -1,0 +1,78 @@
+"""The configuration a user writes is applied exactly, and mistakes are named."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+import config
+from config import ConfigError, load_config
+
+
+def test_full_preset_is_the_original_design() -> None:
+    full = load_config("full")
+    data = full.data
+    assert (data.seq_len, data.cloze_probability, data.train_share) == (32, 0.25, 0.9)
+    model = full.model
+    assert (model.d_song, model.d_album, model.d_artist, model.d_ff) == (64, 32, 32, 512)
+    assert (model.n_layers, model.n_heads, model.dropout, model.d_model) == (3, 2, 0.1, 128)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".toml", ".yaml"])
+def test_file_overrides_preset_and_flags_override_file(tmp_path: Path, suffix: str) -> None:
+    texts = {
+        ".json": json.dumps({"train": {"lr": 0.005, "epochs": 3}, "model": {"tie_head": False}}),
+        ".toml": "[train]\nlr = 0.005\nepochs = 3\n[model]\ntie_head = false\n",
+        ".yaml": "train:\n  lr: 0.005\n  epochs: 3\nmodel:\n  tie_head: false\n",
+    }
+    path = tmp_path / f"settings{suffix}"
+    path.write_text(texts[suffix], encoding="utf-8")
+    loaded = load_config("demo", path, ["train.epochs=7", "data.split_protocol=leave_one_out"])
+    assert loaded.train.lr == 0.005
+    assert loaded.train.epochs == 7
+    assert loaded.model.tie_head is False
+    assert loaded.data.split_protocol == "leave_one_out"
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("model.n_heads=3", "model.n_heads"),
+        ("data.cloze_probability=1.0", "data.cloze_probability"),
+        ("data.cloze_probability=0", "data.cloze_probability"),
+        ("train.batch_size=abc", "train.batch_size"),
+        ("train.batch_size=2.5", "train.batch_size"),
+        ("model.tie_head=maybe", "model.tie_head"),
+        ("model.positional=rotary", "model.positional"),
+        ("data.split_protocol=random", "data.split_protocol"),
+        ("train.learning_rate=0.1", "train.learning_rate"),
+        ("lr=0.1", "section.key=value"),
+    ],
+)
+def test_bad_settings_fail_naming_the_key(override: str, named: str) -> None:
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config("full", overrides=[override])
+
+
+def test_unknown_preset_and_missing_file_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config("huge")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("demo", tmp_path / "nope.toml")
+
+
+def test_round_trip_through_dict_keeps_every_value() -> None:
+    original = load_config("demo", overrides=["paths.run_dir=runs/with space", "train.seed=7"])
+    restored = config.Config.from_dict(json.loads(json.dumps(original.to_dict())))
+    assert restored == original
+    assert restored.paths.run_dir == config.REPO_ROOT / "runs" / "with space"
+
+
+def test_command_line_flags_build_the_same_config() -> None:
+    parser = argparse.ArgumentParser()
+    config.add_config_arguments(parser)
+    args = parser.parse_args(["--preset", "full", "--set", "train.lr=0.002"])
+    assert config.config_from_args(args) == load_config("full", overrides=["train.lr=0.002"])
