@@ -336,12 +336,12 @@ def make_catalog(rng: np.random.Generator) -> Catalog:
             if artist_second[artist] >= 0 and rng.random() < 0.3:
                 genre = int(artist_second[artist])
             kind = rng.random()
-            if kind < 0.55:
+            if kind < 0.58:
                 n_tracks = 1
-            elif kind < 0.85:
+            elif kind < 0.87:
                 n_tracks = int(rng.integers(2, 5))
             else:
-                n_tracks = int(rng.integers(6, 21))
+                n_tracks = int(rng.integers(6, 17))
             album = len(album_artist)
             album_artist.append(artist)
             album_genre.append(genre)
@@ -501,11 +501,11 @@ def make_pools(catalog: Catalog) -> Pools:
         genre_albums=genre_albums,
         genre_album_cdf=[np.cumsum(album_pop[a]) for a in genre_albums],
         genre_artists=genre_artists,
-        genre_artist_cdf=[np.cumsum(catalog.artist_popularity[a]) for a in genre_artists],
+        genre_artist_cdf=[np.cumsum(catalog.artist_popularity[a] ** 0.5) for a in genre_artists],
         artist_songs=artist_songs,
-        artist_song_cdf=[np.cumsum(catalog.song_popularity[s]) for s in artist_songs],
+        artist_song_cdf=[np.cumsum(catalog.song_popularity[s] ** 0.5) for s in artist_songs],
         artist_albums=artist_albums,
-        artist_album_cdf=[np.cumsum(album_pop[a]) for a in artist_albums],
+        artist_album_cdf=[np.cumsum(album_pop[a] ** 0.5) for a in artist_albums],
         album_songs=album_songs,
     )
 
@@ -528,7 +528,7 @@ def album_run(rng: np.random.Generator, pools: Pools, album: int) -> list[int]:
     length = min(tracks.size, int(rng.integers(2, 6)))
     start = int(rng.integers(tracks.size - length + 1))
     run = tracks[start:start + length].tolist()
-    if rng.random() < 0.4:
+    if rng.random() < 0.5:
         run = [run[i] for i in rng.permutation(length)]
     return run
 
@@ -540,13 +540,13 @@ def theme_run(
     use_core = rng.random() < 0.7
     artist = core_artists[int(rng.integers(len(core_artists)))]
     kind = rng.random()
-    if kind < 0.12:
+    if kind < 0.08:
         if use_core and pools.artist_albums[artist].size:
             album = pools.artist_albums[artist][draw(rng, pools.artist_album_cdf[artist])]
         else:
             album = pools.genre_albums[genre][draw(rng, pools.genre_album_cdf[genre])]
         return album_run(rng, pools, int(album))
-    if kind < 0.27 and use_core:
+    if kind < 0.25 and use_core:
         length = int(rng.integers(2, 5))
         cdf = pools.artist_song_cdf[artist]
         return [int(pools.artist_songs[artist][draw(rng, cdf)]) for _ in range(length)]
@@ -589,9 +589,10 @@ def make_playlist(
 def make_playlists(
     rng: np.random.Generator, pools: Pools
 ) -> tuple[list[list[int]], list[str]]:
-    """Generate all playlists with lognormal lengths in [5, 250] and their names."""
+    """Generate all playlists, lengths lognormal (a few long-tailed) in [5, 250], and names."""
     affinity = genre_affinity()
-    lengths = np.clip(np.round(rng.lognormal(np.log(40.0), 0.6, size=N_PLAYLISTS)), 5, 250)
+    spread = np.where(rng.random(N_PLAYLISTS) < 0.08, 1.0, 0.5)
+    lengths = np.clip(np.round(rng.lognormal(np.log(40.0), spread)), 5, 250)
     playlists: list[list[int]] = []
     names: list[str] = []
     for length in lengths.astype(int):
@@ -602,17 +603,21 @@ def make_playlists(
 
 
 def has_album_run(songs: list[int], song_album: np.ndarray, run_length: int) -> bool:
-    """Tell whether the song list contains run_length consecutive songs of one album."""
+    """Tell whether the list holds run_length consecutive tracks of one album, in order.
+
+    Song indices follow album, disc and track order, so the next track is the next index.
+    """
     streak = 1
     for previous, song in itertools.pairwise(songs):
-        streak = streak + 1 if song_album[song] == song_album[previous] else 1
+        in_order = song == previous + 1 and song_album[song] == song_album[previous]
+        streak = streak + 1 if in_order else 1
         if streak >= run_length:
             return True
     return False
 
 
 def make_sequence(rng: np.random.Generator, pools: Pools, catalog: Catalog) -> list[int]:
-    """Generate the demo's seed playlist: one theme, with at least one album run of three."""
+    """Generate the demo's seed playlist: one theme, with an in-order album run of three."""
     genre = [genre.name for genre in GENRES].index(SEQUENCE_GENRE)
     songs = make_playlist(rng, pools, [genre], SEQUENCE_LENGTH)
     while not has_album_run(songs, catalog.song_album, 3):
