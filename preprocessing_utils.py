@@ -1,0 +1,540 @@
+"""Fitted encoders (song/album/artist indices, 21 song features) and the training file format.
+
+Token layout: song index 0 = [PAD], 1 = [MASK], songs from 2 in catalog-id order; album and
+artist index 0 = [PAD]/[MASK]/unknown, real ones from 1.
+
+Features per song (``FEATURE_NAMES``, 21 float32 values):
+
+====================  ===============================================================
+explicit, mode        0/1 as given (NULL -> fitted share of 1s)
+disc_number,          log1p(number), then standard-scaled (track numbers are skewed:
+track_number          log keeps track 1 vs 2 apart more than 30 vs 31)
+9 audio features      danceability, energy, loudness, speechiness, acousticness,
+                      instrumentalness, liveness, valence, tempo: standard-scaled
+duration_ms_log1p     log1p(duration_ms), standard-scaled
+key_sin, key_cos      key on the circle of 12 pitch classes; NULL key -> (0, 0)
+time_signature_3..7   one-hot; NULL or 0..2 -> all zeros (counted)
+====================  ===============================================================
+
+Cleaning rules: a NULL numeric value is replaced by the mean fitted on the vocabulary songs
+(so a scaled feature becomes exactly 0); every NULL is counted per field by
+``count_feature_cleaning``. A value outside the range the database's CHECK constraints allow
+(``FEATURE_RANGES``) is an error naming the table, the row and the field, so the CSV path
+accepts exactly what PostgreSQL accepts. Raw values pass through float32 first (the database's
+``real``), so the CSV and the PostgreSQL path give bit-identical features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+PAD = 0
+MASK = 1
+FIRST_SONG_INDEX = 2
+FORMAT_VERSION = 1
+
+ENCODERS_JSON = "encoders.json"
+ENCODERS_NPZ = "encoders.npz"
+TRAINING_NPZ = "training.npz"
+
+BINARY_FIELDS = ("explicit", "mode")
+NUMBER_FIELDS = ("disc_number", "track_number")
+AUDIO_FIELDS = (
+    "danceability",
+    "energy",
+    "loudness",
+    "speechiness",
+    "acousticness",
+    "instrumentalness",
+    "liveness",
+    "valence",
+    "tempo",
+)
+TIME_SIGNATURES = (3, 4, 5, 6, 7)
+NUMERIC_COLUMNS = (*BINARY_FIELDS, *NUMBER_FIELDS, *AUDIO_FIELDS, "duration_ms_log1p")
+FEATURE_NAMES = (
+    *NUMERIC_COLUMNS,
+    "key_sin",
+    "key_cos",
+    *(f"time_signature_{value}" for value in TIME_SIGNATURES),
+)
+RAW_FEATURE_FIELDS = (
+    "explicit",
+    "danceability",
+    "energy",
+    "key",
+    "loudness",
+    "mode",
+    "speechiness",
+    "acousticness",
+    "instrumentalness",
+    "liveness",
+    "valence",
+    "tempo",
+    "duration_ms",
+    "time_signature",
+    "disc_number",
+    "track_number",
+)
+_ARRAY_NAMES = (
+    "format_version",
+    "has_side_info",
+    "song_ids",
+    "album_ids",
+    "artist_ids",
+    "song_album",
+    "song_artist",
+    "song_features",
+    "numeric_fill",
+    "numeric_center",
+    "numeric_scale",
+)
+SONG_COLUMNS = ("song_id", "album_id", "artist_id", *RAW_FEATURE_FIELDS)
+
+# (low, high, integer?) inclusive bounds; mirrors the CHECK constraints in sql/schema.sql.
+FEATURE_RANGES: dict[str, tuple[float, float, bool]] = {
+    "explicit": (0, 1, True),
+    "danceability": (0, 1, False),
+    "energy": (0, 1, False),
+    "key": (0, 11, True),
+    "loudness": (-100, 20, False),
+    "mode": (0, 1, True),
+    "speechiness": (0, 1, False),
+    "acousticness": (0, 1, False),
+    "instrumentalness": (0, 1, False),
+    "liveness": (0, 1, False),
+    "valence": (0, 1, False),
+    "tempo": (0, 1000, False),
+    "duration_ms": (1, 2**31 - 1, True),
+    "time_signature": (0, 7, True),
+    "disc_number": (1, 32767, True),
+    "track_number": (1, 32767, True),
+}
+
+
+class DataError(ValueError):
+    """Input data that cannot be used as given; the message names the table, row and field."""
+
+
+def _row_name(table: str, songs: pd.DataFrame, row: int, line_numbers: np.ndarray | None) -> str:
+    """Human-readable location of one song row, e.g. ``songs.csv line 12 (song_id 1000004)``."""
+    where = f"{table} line {int(line_numbers[row])}" if line_numbers is not None else table
+    return f"{where} (song_id {int(songs['song_id'].iloc[row])})"
+
+
+def check_songs(
+    songs: pd.DataFrame, table: str = "songs", line_numbers: np.ndarray | None = None
+) -> None:
+    """Raise DataError for a missing column, duplicate song_id or out-of-range feature value."""
+    missing = [column for column in SONG_COLUMNS if column not in songs.columns]
+    if missing:
+        raise DataError(f"{table}: missing column {missing[0]!r}")
+    ids = songs["song_id"].to_numpy()
+    _, first, counts = np.unique(ids, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        row = int(np.sort(first[counts > 1])[0])
+        duplicates = np.flatnonzero(ids == ids[row])
+        raise DataError(f"{_row_name(table, songs, int(duplicates[1]), line_numbers)}: "
+                        f"song_id appears more than once")
+    for field in RAW_FEATURE_FIELDS:
+        low, high, integer = FEATURE_RANGES[field]
+        values = songs[field].to_numpy(dtype=np.float64, na_value=np.nan)
+        present = ~np.isnan(values)
+        bad = present & ((values < low) | (values > high))
+        if integer:
+            bad |= present & (np.floor(values) != values)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            kind = "an integer in" if integer else "in"
+            raise DataError(f"{_row_name(table, songs, row, line_numbers)}: {field} = "
+                            f"{values[row]:g} must be {kind} [{low:g}, {high:g}]")
+
+
+def count_feature_cleaning(songs: pd.DataFrame) -> dict[str, int]:
+    """Counts of the cleaning rules applied to these songs: NULLs per field, odd time signatures."""
+    counts: dict[str, int] = {}
+    for field in RAW_FEATURE_FIELDS:
+        missing = int(songs[field].isna().sum())
+        if missing:
+            counts[f"null_{field}"] = missing
+    signature = songs["time_signature"].to_numpy(dtype=np.float64, na_value=np.nan)
+    outside = int(np.sum(signature < TIME_SIGNATURES[0]))
+    if outside:
+        counts["time_signature_below_3"] = outside
+    return counts
+
+
+def _raw_column(songs: pd.DataFrame, field: str) -> np.ndarray:
+    """One raw feature as float64 after a float32 round (the database's ``real``); NULL = NaN."""
+    values = songs[field].to_numpy(dtype=np.float64, na_value=np.nan)
+    return values.astype(np.float32).astype(np.float64)
+
+
+def _numeric_matrix(songs: pd.DataFrame) -> np.ndarray:
+    """The 14 ``NUMERIC_COLUMNS`` before imputation and scaling, shape (n, 14), NaN = NULL."""
+    columns = [_raw_column(songs, field) for field in (*BINARY_FIELDS, *AUDIO_FIELDS)]
+    binary, audio = columns[: len(BINARY_FIELDS)], columns[len(BINARY_FIELDS):]
+    numbers = [np.log1p(_raw_column(songs, field)) for field in NUMBER_FIELDS]
+    duration = np.log1p(_raw_column(songs, "duration_ms"))
+    return np.column_stack([*binary, *numbers, *audio, duration])
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write through ``write(file)`` into a temp file in the same folder, fsync, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Atomically write an uncompressed .npz whose bytes depend only on the arrays."""
+
+    def write(file: BinaryIO) -> None:
+        with zipfile.ZipFile(file, mode="w", compression=zipfile.ZIP_STORED) as archive:
+            for name, array in arrays.items():
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with archive.open(info, mode="w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.require(array, requirements="C"),
+                                              allow_pickle=False)
+
+    _atomic_write(path, write)
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Read every array of an .npz file without ever unpickling."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise DataError(f"{path}: cannot read: {error}") from None
+
+
+class Encoders:
+    """Song/album/artist vocabularies and the per-song side tables, fitted once on the data."""
+
+    def __init__(
+        self,
+        song_ids: np.ndarray,
+        album_ids: np.ndarray,
+        artist_ids: np.ndarray,
+        song_album: np.ndarray,
+        song_artist: np.ndarray,
+        song_features: np.ndarray,
+        numeric_fill: np.ndarray,
+        numeric_center: np.ndarray,
+        numeric_scale: np.ndarray,
+        has_side_info: bool,
+    ) -> None:
+        self.song_ids = np.asarray(song_ids, dtype=np.int64)
+        self.album_ids = np.asarray(album_ids, dtype=np.int64)
+        self.artist_ids = np.asarray(artist_ids, dtype=np.int64)
+        self.song_album = np.asarray(song_album, dtype=np.int64)
+        self.song_artist = np.asarray(song_artist, dtype=np.int64)
+        self.song_features = np.asarray(song_features, dtype=np.float32)
+        self.numeric_fill = np.asarray(numeric_fill, dtype=np.float64)
+        self.numeric_center = np.asarray(numeric_center, dtype=np.float64)
+        self.numeric_scale = np.asarray(numeric_scale, dtype=np.float64)
+        self.has_side_info = bool(has_side_info)
+        self._validate()
+
+    def _validate(self) -> None:
+        """Refuse inconsistent arrays (e.g. a hand-edited or truncated encoders file)."""
+        n_tokens = self.n_song_tokens
+        problems = []
+        if len(self.song_ids) and (np.diff(self.song_ids) <= 0).any():
+            problems.append("song_ids must be strictly increasing")
+        for name in ("album_ids", "artist_ids"):
+            ids = getattr(self, name)
+            if len(ids) and (np.diff(ids) <= 0).any():
+                problems.append(f"{name} must be strictly increasing")
+        for name, limit in (("song_album", self.n_album_tokens),
+                            ("song_artist", self.n_artist_tokens)):
+            table = getattr(self, name)
+            if table.shape != (n_tokens,) or (table < 0).any() or (table >= limit).any():
+                problems.append(f"{name} must have {n_tokens} indices in [0, {limit})")
+        expected = (n_tokens, len(FEATURE_NAMES) if self.has_side_info else 0)
+        if self.song_features.shape != expected:
+            problems.append(f"song_features must have shape {expected}")
+        for name in ("numeric_fill", "numeric_center", "numeric_scale"):
+            if getattr(self, name).shape != (len(NUMERIC_COLUMNS),):
+                problems.append(f"{name} must have {len(NUMERIC_COLUMNS)} values")
+        if problems:
+            raise DataError("invalid encoders: " + "; ".join(problems))
+
+    @property
+    def n_songs(self) -> int:
+        """Number of real songs (without [PAD] and [MASK])."""
+        return len(self.song_ids)
+
+    @property
+    def n_song_tokens(self) -> int:
+        """Size of the song embedding table: songs + [PAD] + [MASK]."""
+        return self.n_songs + FIRST_SONG_INDEX
+
+    @property
+    def n_album_tokens(self) -> int:
+        """Size of the album embedding table: albums + [PAD]/[MASK]."""
+        return len(self.album_ids) + 1
+
+    @property
+    def n_artist_tokens(self) -> int:
+        """Size of the artist embedding table: artists + [PAD]/[MASK]."""
+        return len(self.artist_ids) + 1
+
+    @property
+    def n_features(self) -> int:
+        """Numeric features per song: 21 with side information, else 0."""
+        return int(self.song_features.shape[1])
+
+    @classmethod
+    def fit(cls, interactions: pd.DataFrame, songs: pd.DataFrame | None = None) -> Encoders:
+        """Fit on playlist rows (playlist_id, pos, song_id) and optionally the songs catalog.
+
+        The song vocabulary is the songs that occur in playlists and, when a catalog is given,
+        exist in it, sorted by catalog id; the scaler statistics are fitted on those songs.
+        """
+        used = np.unique(interactions["song_id"].to_numpy(dtype=np.int64))
+        n_numeric = len(NUMERIC_COLUMNS)
+        if songs is None:
+            tokens = len(used) + FIRST_SONG_INDEX
+            empty = np.zeros(0, dtype=np.int64)
+            return cls(used, empty, empty, np.zeros(tokens, np.int64), np.zeros(tokens, np.int64),
+                       np.zeros((tokens, 0), np.float32), np.zeros(n_numeric),
+                       np.zeros(n_numeric), np.ones(n_numeric), has_side_info=False)
+        check_songs(songs)
+        catalog = songs["song_id"].to_numpy(dtype=np.int64)
+        vocab = songs.iloc[np.argsort(catalog, kind="stable")]
+        vocab = vocab[np.isin(vocab["song_id"].to_numpy(dtype=np.int64), used)]
+        album_ids, song_album = _index_column(vocab["album_id"])
+        artist_ids, song_artist = _index_column(vocab["artist_id"])
+        numeric = _numeric_matrix(vocab)
+        fill = np.zeros(n_numeric)
+        center = np.zeros(n_numeric)
+        scale = np.ones(n_numeric)
+        for column in range(n_numeric):
+            values = numeric[:, column]
+            values = values[~np.isnan(values)]
+            if len(values):
+                fill[column] = values.mean()
+            if column >= len(BINARY_FIELDS) and len(values):
+                center[column] = fill[column]
+                spread = values.std()
+                scale[column] = spread if spread > 0 else 1.0
+        pad = np.zeros(FIRST_SONG_INDEX, dtype=np.int64)
+        encoders = cls(vocab["song_id"].to_numpy(dtype=np.int64), album_ids, artist_ids,
+                       np.concatenate([pad, song_album]), np.concatenate([pad, song_artist]),
+                       np.zeros((len(vocab) + FIRST_SONG_INDEX, len(FEATURE_NAMES)), np.float32),
+                       fill, center, scale, has_side_info=True)
+        encoders.song_features[FIRST_SONG_INDEX:] = encoders.transform(vocab)
+        return encoders
+
+    def transform(self, songs: pd.DataFrame) -> np.ndarray:
+        """Feature matrix (n, 21) float32 of raw song rows, with fitted imputation and scaling."""
+        if not self.has_side_info:
+            return np.zeros((len(songs), 0), dtype=np.float32)
+        numeric = _numeric_matrix(songs)
+        numeric = np.where(np.isnan(numeric), self.numeric_fill, numeric)
+        numeric = (numeric - self.numeric_center) / self.numeric_scale
+        key = _raw_column(songs, "key")
+        angle = 2 * np.pi * key / 12
+        key_sin = np.where(np.isnan(key), 0.0, np.sin(angle))
+        key_cos = np.where(np.isnan(key), 0.0, np.cos(angle))
+        signature = _raw_column(songs, "time_signature")
+        one_hot = signature[:, None] == np.asarray(TIME_SIGNATURES, dtype=np.float64)[None, :]
+        features = np.column_stack([numeric, key_sin, key_cos, one_hot.astype(np.float64)])
+        return features.astype(np.float32)
+
+    def encode_songs(self, catalog_ids: Iterable[int] | np.ndarray) -> np.ndarray:
+        """Song token indices of catalog ids; unknown ids give -1 (callers drop and count them)."""
+        ids = np.asarray(catalog_ids, dtype=np.int64).reshape(-1)
+        where = np.searchsorted(self.song_ids, ids)
+        known = where < self.n_songs
+        known[known] = self.song_ids[where[known]] == ids[known]
+        unknown = int(len(ids) - known.sum())
+        if unknown:
+            logger.info("%d of %d song ids are unknown to the encoders", unknown, len(ids))
+        return np.where(known, where + FIRST_SONG_INDEX, -1).astype(np.int64)
+
+    def decode_songs(self, indices: Iterable[int] | np.ndarray) -> np.ndarray:
+        """Catalog ids of song token indices; ValueError for [PAD], [MASK] or out of range."""
+        tokens = np.asarray(indices, dtype=np.int64).reshape(-1)
+        bad = (tokens < FIRST_SONG_INDEX) | (tokens >= self.n_song_tokens)
+        if bad.any():
+            raise ValueError(f"song index {int(tokens[bad][0])} is not a song "
+                             f"(songs are {FIRST_SONG_INDEX}..{self.n_song_tokens - 1})")
+        return self.song_ids[tokens - FIRST_SONG_INDEX]
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Every fitted value as a numeric array, so a checkpoint can embed them without pickle."""
+        return {
+            "format_version": np.asarray(FORMAT_VERSION, dtype=np.int64),
+            "has_side_info": np.asarray(int(self.has_side_info), dtype=np.int64),
+            "song_ids": self.song_ids,
+            "album_ids": self.album_ids,
+            "artist_ids": self.artist_ids,
+            "song_album": self.song_album,
+            "song_artist": self.song_artist,
+            "song_features": self.song_features,
+            "numeric_fill": self.numeric_fill,
+            "numeric_center": self.numeric_center,
+            "numeric_scale": self.numeric_scale,
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> Encoders:
+        """Rebuild encoders from ``to_arrays`` output (numpy arrays or anything array-like)."""
+        values = {name: np.asarray(value) for name, value in arrays.items()}
+        missing = [name for name in _ARRAY_NAMES if name not in values]
+        if missing:
+            raise DataError(f"invalid encoders: missing array {missing[0]!r}")
+        if int(values["format_version"]) != FORMAT_VERSION:
+            raise DataError(f"invalid encoders: format_version {int(values['format_version'])}, "
+                            f"this code reads {FORMAT_VERSION}")
+        tables = {name: values[name] for name in _ARRAY_NAMES[2:]}
+        return cls(**tables, has_side_info=bool(int(values["has_side_info"])))
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the arrays' names, dtypes, shapes and bytes; equal after save and load."""
+        digest = hashlib.sha256()
+        for name, array in sorted(self.to_arrays().items()):
+            array = np.require(array, requirements="C")
+            digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+            digest.update(array.tobytes())
+        return digest.hexdigest()
+
+    def metadata(self) -> dict[str, object]:
+        """The human-readable description written to encoders.json."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "has_side_info": self.has_side_info,
+            "n_songs": self.n_songs,
+            "n_albums": len(self.album_ids),
+            "n_artists": len(self.artist_ids),
+            "feature_names": list(FEATURE_NAMES) if self.has_side_info else [],
+            "numeric_columns": list(NUMERIC_COLUMNS),
+            "special_song_tokens": {"PAD": PAD, "MASK": MASK, "first_song": FIRST_SONG_INDEX},
+        }
+
+    def save(self, folder: Path) -> None:
+        """Write folder/encoders.npz then folder/encoders.json, each atomically."""
+        folder = Path(folder)
+        write_npz(folder / ENCODERS_NPZ, self.to_arrays())
+        text = json.dumps(self.metadata(), indent=2, sort_keys=True) + "\n"
+        _atomic_write(folder / ENCODERS_JSON, lambda file: file.write(text.encode("utf-8")))
+
+    @classmethod
+    def load(cls, folder: Path) -> Encoders:
+        """Read encoders saved by ``save``; DataError if missing, damaged or the files disagree."""
+        folder = Path(folder)
+        json_path, npz_path = folder / ENCODERS_JSON, folder / ENCODERS_NPZ
+        for path in (json_path, npz_path):
+            if not path.is_file():
+                raise DataError(f"{path}: encoders file not found")
+        try:
+            metadata = json.loads(json_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise DataError(f"{json_path}: not valid JSON: {error}") from None
+        encoders = cls.from_arrays(read_npz(npz_path))
+        if metadata.get("fingerprint") != encoders.fingerprint:
+            raise DataError(f"{folder}: {ENCODERS_JSON} and {ENCODERS_NPZ} disagree "
+                            f"(fingerprint mismatch); refit the encoders")
+        return encoders
+
+
+def _index_column(ids: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct non-NULL ids and each row's index into them plus 1 (NULL -> 0)."""
+    present = ids.notna().to_numpy()
+    values = ids.to_numpy(dtype=np.int64, na_value=0)
+    vocabulary = np.unique(values[present])
+    indices = np.searchsorted(vocabulary, values) + 1
+    return vocabulary, np.where(present, indices, 0).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """Playlists as CSR arrays: playlist p is songs[offsets[p]:offsets[p + 1]], in order."""
+
+    playlist_ids: np.ndarray
+    offsets: np.ndarray
+    songs: np.ndarray
+
+    def __len__(self) -> int:
+        """Number of playlists."""
+        return len(self.playlist_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Songs per playlist."""
+        return np.diff(self.offsets)
+
+    def validate(self, n_song_tokens: int | None = None) -> None:
+        """Raise DataError unless the arrays form valid, non-empty playlists of song tokens."""
+        ids, offsets, songs = self.playlist_ids, self.offsets, self.songs
+        problems = []
+        for name, array in (("playlist_ids", ids), ("offsets", offsets), ("songs", songs)):
+            if array.dtype != np.int64 or array.ndim != 1:
+                problems.append(f"{name} must be a 1-d int64 array")
+        if not problems:
+            if len(offsets) != len(ids) + 1 or offsets[0] != 0 or offsets[-1] != len(songs):
+                problems.append("offsets must run from 0 to len(songs) with one per playlist + 1")
+            elif (np.diff(offsets) <= 0).any():
+                problems.append("every playlist must have at least one song")
+            if len(np.unique(ids)) != len(ids):
+                problems.append("playlist_ids must be unique")
+            if (songs < FIRST_SONG_INDEX).any():
+                problems.append(f"song tokens must be >= {FIRST_SONG_INDEX}")
+            if n_song_tokens is not None and (songs >= n_song_tokens).any():
+                problems.append(f"song tokens must be < {n_song_tokens} (the encoders' size)")
+        if problems:
+            raise DataError("invalid training file: " + "; ".join(problems))
+
+
+def save_training_file(
+    folder: Path, playlist_ids: np.ndarray, offsets: np.ndarray, songs: np.ndarray
+) -> Path:
+    """Validate and atomically write folder/training.npz (byte-deterministic); returns its path."""
+    sequences = Sequences(np.asarray(playlist_ids, dtype=np.int64),
+                          np.asarray(offsets, dtype=np.int64), np.asarray(songs, dtype=np.int64))
+    sequences.validate()
+    path = Path(folder) / TRAINING_NPZ
+    write_npz(path, {"playlist_ids": sequences.playlist_ids, "offsets": sequences.offsets,
+                     "songs": sequences.songs})
+    return path
+
+
+def load_training_file(folder: Path, n_song_tokens: int | None = None) -> Sequences:
+    """Read and validate folder/training.npz (optionally against the encoders' song count)."""
+    path = Path(folder) / TRAINING_NPZ
+    if not path.is_file():
+        raise DataError(f"{path}: training file not found; run preprocessing.py first")
+    arrays = read_npz(path)
+    missing = [name for name in ("playlist_ids", "offsets", "songs") if name not in arrays]
+    if missing:
+        raise DataError(f"{path}: missing array {missing[0]!r}")
+    sequences = Sequences(arrays["playlist_ids"], arrays["offsets"], arrays["songs"])
+    sequences.validate(n_song_tokens)
+    return sequences
