@@ -523,7 +523,7 @@ def choose_themes(rng: np.random.Generator, affinity: np.ndarray) -> list[int]:
 
 
 def album_run(rng: np.random.Generator, pools: Pools, album: int) -> list[int]:
-    """Return 2–6 consecutive tracks of an album, usually in track order."""
+    """Return 2–5 consecutive tracks of an album, usually in track order."""
     tracks = pools.album_songs[album]
     length = min(tracks.size, int(rng.integers(2, 6)))
     start = int(rng.integers(tracks.size - length + 1))
