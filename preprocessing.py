@@ -1,0 +1,582 @@
+"""Read playlists from PostgreSQL or CSV tables, fit (or load) encoders, write training.npz.
+
+Examples::
+
+    python preprocessing.py --source csv --data "demo data" --out build/demo
+    python preprocessing.py --load-csv "demo data" --dsn postgresql://postgres@127.0.0.1/music
+    python preprocessing.py --source postgres --dsn postgresql://postgres@127.0.0.1/music
+
+Both sources go through the same cleaning and encoding, so the same tables give byte-identical
+output. Cleaning rules (each reported in the summary, never silent):
+
+* positions: a playlist whose positions have gaps or do not start at 0 is renumbered in order;
+  the same position twice in one playlist is an error naming the playlist and the position.
+* a playlist row whose song is missing from songs.csv (or unknown to ``--encoders``) is dropped;
+  a playlist left empty is dropped.
+* song features: NULL -> fitted mean; out-of-range -> error naming table, row and field (see
+  preprocessing_utils).
+* CSV files: a missing column, a malformed row or a value that is not a number is an error
+  naming the file, the line and the column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psycopg2
+from psycopg2 import sql
+from psycopg2.extensions import TRANSACTION_STATUS_IDLE, parse_dsn
+from psycopg2.extensions import connection as Connection
+
+from config import BUILD_DIR, DEMO_DATA_DIR, SQL_DIR
+from preprocessing_utils import (
+    RAW_FEATURE_FIELDS,
+    SONG_COLUMNS,
+    DataError,
+    Encoders,
+    Sequences,
+    check_songs,
+    count_feature_cleaning,
+    save_training_file,
+)
+
+DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_ITERSIZE = 50_000
+ENCODERS_SUBDIR = "encoders"
+
+# Tables in foreign-key order, with the columns each CSV file must have.
+CSV_COLUMNS: dict[str, tuple[str, ...]] = {
+    "artists": ("artist_id", "name", "genre"),
+    "albums": ("album_id", "name", "artist_id", "release_year"),
+    "songs": ("song_id", "name", "album_id", "artist_id", *RAW_FEATURE_FIELDS),
+    "playlists": ("playlist_id", "name"),
+    "playlist_songs": ("playlist_id", "pos", "song_id"),
+}
+INTEGER_FEATURES = ("explicit", "key", "mode", "duration_ms", "time_signature", "disc_number",
+                    "track_number")
+BOOLEAN_WORDS = {"true": "1", "false": "0", "t": "1", "f": "0"}
+
+
+@dataclass
+class SourceData:
+    """Raw playlist rows as three aligned arrays, plus the songs catalog when there is one."""
+
+    playlist_ids: np.ndarray
+    positions: np.ndarray
+    song_ids: np.ndarray
+    songs: pd.DataFrame | None
+
+
+def read_sql(name: str) -> str:
+    """Text of sql/<name>.sql, the single home of every statement the code runs."""
+    return (SQL_DIR / f"{name}.sql").read_text(encoding="utf-8")
+
+
+def connect(dsn: str) -> Connection:
+    """Open a psycopg2 connection (not autocommit) to ``dsn``."""
+    return psycopg2.connect(dsn)
+
+
+def describe_dsn(dsn: str) -> str:
+    """``user@host:port/dbname`` of a DSN, without its password, for messages."""
+    try:
+        parts = parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        return "<unparsable DSN>"
+    return (f"{parts.get('user', '')}@{parts.get('host', 'localhost')}:"
+            f"{parts.get('port', '5432')}/{parts.get('dbname', '')}")
+
+
+def create_schema(connection: Connection) -> None:
+    """Create the tables and indexes of sql/schema.sql; running it again changes nothing."""
+    with connection, connection.cursor() as cursor:
+        cursor.execute(read_sql("schema"))
+
+
+@contextlib.contextmanager
+def _read_transaction(connection: Connection) -> Iterator[None]:
+    """One REPEATABLE READ snapshot for a multi-query read, ended afterwards if we began it."""
+    autocommit = connection.autocommit
+    connection.autocommit = False
+    began = connection.get_transaction_status() == TRANSACTION_STATUS_IDLE
+    try:
+        if began:
+            with connection.cursor() as cursor:
+                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        yield
+    finally:
+        if began:
+            connection.rollback()
+        connection.autocommit = autocommit
+
+
+def _csv_header(path: Path) -> list[str]:
+    """Column names of a CSV file; DataError when it is missing or empty."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        return [str(column).strip() for column in pd.read_csv(path, nrows=0).columns]
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: empty file (expected a header line)") from None
+
+
+def _read_csv_strings(path: Path, required: tuple[str, ...]) -> tuple[pd.DataFrame, np.ndarray]:
+    """All cells of a CSV file as stripped strings, and each row's line number in the file."""
+    header = _csv_header(path)
+    for column in required:
+        if column not in header:
+            raise DataError(f"{path.name}: missing column {column!r} "
+                            f"(required: {', '.join(required)})")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
+    except pd.errors.ParserError as error:
+        detail = str(error).replace("Error tokenizing data. C error: ", "").strip()
+        raise DataError(f"{path.name}: malformed row: {detail}") from None
+    frame.columns = header
+    frame = frame[list(required)].apply(lambda column: column.str.strip())
+    lines = np.arange(len(frame), dtype=np.int64) + 2
+    filled = (frame != "").any(axis=1).to_numpy()
+    return frame[filled].reset_index(drop=True), lines[filled]
+
+
+def _parse_column(
+    frame: pd.DataFrame, column: str, file: str, lines: np.ndarray, integer: bool, required: bool
+) -> pd.Series:
+    """Parse one text column into Int64 or float64 values; DataError names file, line, column."""
+    text = frame[column]
+    if column == "explicit":
+        text = text.str.lower().replace(BOOLEAN_WORDS)
+    empty = (text == "").to_numpy()
+    if required and empty.any():
+        row = int(np.flatnonzero(empty)[0])
+        raise DataError(f"{file} line {lines[row]}: {column} is empty")
+    values = pd.to_numeric(text.mask(empty), errors="coerce", dtype_backend="numpy_nullable")
+    bad = values.isna().to_numpy() & ~empty
+    if integer:
+        fractional = values.notna() & (values != values.round())
+        bad |= fractional.to_numpy(dtype=bool, na_value=False)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        kind = "an integer" if integer else "a number"
+        raise DataError(f"{file} line {lines[row]}: {column} = {text.iloc[row]!r} is not {kind}")
+    if integer:
+        return values.astype("Int64")
+    return pd.Series(values.to_numpy(dtype=np.float64, na_value=np.nan))
+
+
+def read_csv_playlists(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """playlist_id, pos and song_id arrays of a playlist_songs.csv file, in file order."""
+    frame, lines = _read_csv_strings(path, CSV_COLUMNS["playlist_songs"])
+    arrays = [_parse_column(frame, column, path.name, lines, integer=True, required=True)
+              .to_numpy(dtype=np.int64) for column in CSV_COLUMNS["playlist_songs"]]
+    negative = arrays[1] < 0
+    if negative.any():
+        row = int(np.flatnonzero(negative)[0])
+        raise DataError(f"{path.name} line {lines[row]}: pos = {arrays[1][row]} must be >= 0")
+    return arrays[0], arrays[1], arrays[2]
+
+
+def read_csv_songs(path: Path) -> pd.DataFrame:
+    """The songs catalog of a songs.csv file, validated (see preprocessing_utils.check_songs)."""
+    frame, lines = _read_csv_strings(path, SONG_COLUMNS)
+    songs = pd.DataFrame({
+        column: _parse_column(frame, column, path.name, lines,
+                              integer=column in ("song_id", "album_id", "artist_id",
+                                                 *INTEGER_FEATURES),
+                              required=column == "song_id")
+        for column in SONG_COLUMNS
+    })
+    songs["song_id"] = songs["song_id"].to_numpy(dtype=np.int64)
+    for column in RAW_FEATURE_FIELDS:
+        songs[column] = songs[column].to_numpy(dtype=np.float64, na_value=np.nan)
+    check_songs(songs, table=path.name, line_numbers=lines)
+    return songs
+
+
+def read_csv_source(data_dir: Path) -> SourceData:
+    """Playlists (and songs.csv, when present) of a folder of CSV tables."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data folder not found")
+    playlist_ids, positions, song_ids = read_csv_playlists(data_dir / "playlist_songs.csv")
+    songs_path = data_dir / "songs.csv"
+    songs = read_csv_songs(songs_path) if songs_path.is_file() else None
+    return SourceData(playlist_ids, positions, song_ids, songs)
+
+
+def _query_count(cursor: psycopg2.extensions.cursor, query: str) -> int:
+    """Number of rows ``query`` returns."""
+    cursor.execute(f"SELECT count(*) FROM ({query.strip().rstrip(';')}\n) AS counted")
+    return int(cursor.fetchone()[0])
+
+
+def read_postgres_source(connection: Connection, itersize: int = DEFAULT_ITERSIZE) -> SourceData:
+    """Stream playlists and the used songs' features through server-side cursors, one snapshot.
+
+    The playlist rows fill preallocated arrays chunk by chunk, so the table is held once.
+    """
+    playlist_query, songs_query = read_sql("playlists"), read_sql("songs")
+    with _read_transaction(connection):
+        with connection.cursor() as cursor:
+            total = _query_count(cursor, playlist_query)
+        rows = np.empty((total, 3), dtype=np.int64)
+        filled = 0
+        with connection.cursor(name="b4mr_playlist_songs") as cursor:
+            cursor.itersize = itersize
+            cursor.execute(playlist_query)
+            while chunk := cursor.fetchmany(itersize):
+                rows[filled:filled + len(chunk)] = chunk
+                filled += len(chunk)
+        columns: list[list[object]] = [[] for _ in SONG_COLUMNS]
+        with connection.cursor(name="b4mr_songs") as cursor:
+            cursor.itersize = itersize
+            cursor.execute(songs_query)
+            while chunk := cursor.fetchmany(itersize):
+                for values, column in zip(columns, zip(*chunk, strict=True), strict=True):
+                    values.extend(column)
+    if filled != total:
+        raise DataError(f"playlist_songs changed while reading ({filled} of {total} rows)")
+    songs = None
+    if columns[0]:
+        songs = pd.DataFrame({"song_id": np.asarray(columns[0], dtype=np.int64),
+                              "album_id": pd.array(columns[1], dtype="Int64"),
+                              "artist_id": pd.array(columns[2], dtype="Int64")})
+        for name, values in zip(SONG_COLUMNS[3:], columns[3:], strict=True):
+            songs[name] = np.asarray(values, dtype=np.float64)
+    return SourceData(rows[:, 0], rows[:, 1], rows[:, 2], songs)
+
+
+def read_playlist_song_ids(connection: Connection, playlist_id: int) -> list[int] | None:
+    """Song ids of one playlist ordered by pos; None when the playlist does not exist."""
+    with _read_transaction(connection), connection.cursor() as cursor:
+        cursor.execute(read_sql("playlist"), {"playlist_id": int(playlist_id)})
+        found, song_ids = cursor.fetchone()
+    return [int(song_id) for song_id in song_ids] if found else None
+
+
+def read_catalog_names(source: Path | Connection) -> pd.DataFrame:
+    """Song, artist and album names indexed by song_id, for printing (empty without songs)."""
+    empty = pd.DataFrame({"song": [], "artist": [], "album": []},
+                         index=pd.Index([], dtype=np.int64, name="song_id"), dtype=object)
+    if isinstance(source, Connection):
+        with _read_transaction(source), source.cursor() as cursor:
+            cursor.execute(read_sql("catalog_names"))
+            names = pd.DataFrame(cursor.fetchall(), columns=["song_id", "song", "artist", "album"])
+    else:
+        folder = Path(source)
+        if not (folder / "songs.csv").is_file():
+            return empty
+        names = _names_table(folder / "songs.csv", "song_id", "song",
+                             ("album_id", "artist_id"))
+        for table, key, label in (("albums", "album_id", "album"),
+                                  ("artists", "artist_id", "artist")):
+            path = folder / f"{table}.csv"
+            if path.is_file() and key in names:
+                names = names.merge(_names_table(path, key, label, ()), on=key, how="left")
+            else:
+                names[label] = None
+    if names.empty:
+        return empty
+    names["song_id"] = names["song_id"].astype(np.int64)
+    names = names.set_index("song_id")[["song", "artist", "album"]]
+    return names.astype(object).where(names.notna(), "").sort_index()
+
+
+def _names_table(path: Path, key: str, label: str, links: tuple[str, ...]) -> pd.DataFrame:
+    """Ids and names of one CSV table (``name`` renamed to ``label``), ids parsed as integers."""
+    header = _csv_header(path)
+    frame, lines = _read_csv_strings(path, (key, "name", *(c for c in links if c in header)))
+    table = pd.DataFrame({label: frame["name"]})
+    for column in frame.columns.drop("name"):
+        table[column] = _parse_column(frame, column, path.name, lines, integer=True,
+                                      required=column == key)
+    return table
+
+
+def load_csv_tables(connection: Connection, data_dir: Path) -> dict[str, int]:
+    """COPY the five CSV tables into the database in one transaction; rows inserted per table.
+
+    Each file is copied into a temporary table and inserted with ON CONFLICT DO NOTHING, so a
+    second load inserts nothing and leaves the same rows.
+    """
+    data_dir = Path(data_dir)
+    headers = {}
+    for table, columns in CSV_COLUMNS.items():
+        path = data_dir / f"{table}.csv"
+        header = _csv_header(path)
+        missing = [column for column in columns if column not in header]
+        extra = [column for column in header if column not in columns]
+        if missing or extra:
+            problem = (f"missing column {missing[0]!r}" if missing
+                       else f"unknown column {extra[0]!r}")
+            raise DataError(f"{path.name}: {problem} (expected: {', '.join(columns)})")
+        headers[table] = header
+    inserted = {}
+    with connection, connection.cursor() as cursor:
+        for table, header in headers.items():
+            staging = sql.Identifier(f"load_{table}")
+            column_list = sql.SQL(", ").join(map(sql.Identifier, header))
+            cursor.execute(sql.SQL(
+                "CREATE TEMP TABLE {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP").format(
+                    staging, sql.Identifier(table)))
+            path = data_dir / f"{table}.csv"
+            try:
+                with path.open(encoding="utf-8", newline="") as file:
+                    cursor.copy_expert(sql.SQL(
+                        "COPY {} ({}) FROM STDIN WITH (FORMAT csv, HEADER true)").format(
+                            staging, column_list), file)
+                cursor.execute(sql.SQL(
+                    "INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT DO NOTHING").format(
+                        sql.Identifier(table), column_list, column_list, staging))
+            except psycopg2.DataError as error:
+                raise DataError(f"{path.name}: {_one_line(error)}") from None
+            except psycopg2.IntegrityError as error:
+                raise DataError(f"{path.name}: {_one_line(error)}") from None
+            inserted[table] = cursor.rowcount
+    return inserted
+
+
+def _one_line(error: Exception) -> str:
+    """A database error's message and context on one line."""
+    return " | ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def build_sequences(
+    data: SourceData, encoders: Encoders | None = None
+) -> tuple[Encoders, Sequences, dict[str, object]]:
+    """Order, check and encode playlist rows (fitting encoders when none are given).
+
+    Returns the encoders, the CSR playlists and a report of every cleaning rule applied.
+    """
+    order = np.lexsort((data.positions, data.playlist_ids))
+    playlist_ids = data.playlist_ids[order]
+    positions = data.positions[order]
+    song_ids = data.song_ids[order]
+    same_playlist = playlist_ids[1:] == playlist_ids[:-1]
+    duplicate = same_playlist & (positions[1:] == positions[:-1])
+    if duplicate.any():
+        row = int(np.flatnonzero(duplicate)[0])
+        raise DataError(f"playlist_songs: playlist {playlist_ids[row]} has pos "
+                        f"{positions[row]} more than once")
+    starts = np.flatnonzero(np.concatenate([[True], ~same_playlist])) if len(order) else (
+        np.zeros(0, dtype=np.int64))
+    lengths = np.diff(np.append(starts, len(order)))
+    expected = np.arange(len(order)) - np.repeat(starts, lengths)
+    renumbered = len(np.unique(playlist_ids[positions != expected]))
+
+    fitted = encoders is None
+    if encoders is None:
+        interactions = pd.DataFrame({"playlist_id": playlist_ids, "pos": positions,
+                                     "song_id": song_ids}, copy=False)
+        encoders = Encoders.fit(interactions, data.songs)
+    tokens = encoders.encode_songs(song_ids)
+    keep = tokens >= 0
+    reason = "song_not_in_catalog" if fitted else "song_unknown_to_encoders"
+    kept_ids, tokens = playlist_ids[keep], tokens[keep]
+    new_playlist = np.concatenate([[True], kept_ids[1:] != kept_ids[:-1]]) if len(tokens) else (
+        np.zeros(0, dtype=bool))
+    kept_starts = np.flatnonzero(new_playlist)
+    sequences = Sequences(kept_ids[kept_starts].astype(np.int64),
+                          np.append(kept_starts, len(tokens)).astype(np.int64),
+                          tokens.astype(np.int64))
+    report: dict[str, object] = {
+        "rows_read": len(order),
+        "rows_kept": len(tokens),
+        "playlists_read": len(starts),
+        "playlists": len(sequences),
+        "dropped_rows": {reason: int((~keep).sum())} if (~keep).any() else {},
+        "dropped_distinct_songs": len(np.unique(song_ids[~keep])),
+        "dropped_empty_playlists": len(starts) - len(sequences),
+        "renumbered_playlists": renumbered,
+    }
+    if fitted and data.songs is not None:
+        used = data.songs[np.isin(data.songs["song_id"].to_numpy(), encoders.song_ids)]
+        report["feature_cleaning"] = count_feature_cleaning(used)
+    return encoders, sequences, report
+
+
+def _sha256(path: Path) -> str:
+    """sha256 hex digest of a file."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def preprocess(
+    source: str,
+    out_dir: Path,
+    data_dir: Path | None = None,
+    dsn: str | None = None,
+    encoders_dir: Path | None = None,
+    refit_dir: Path | None = None,
+    itersize: int = DEFAULT_ITERSIZE,
+) -> dict[str, object]:
+    """Read a source, fit or load encoders, write out_dir/training.npz and out_dir/encoders/.
+
+    Returns the summary (counts, cleaning report, fingerprints, seconds).
+    """
+    started = time.perf_counter()
+    encoders = Encoders.load(Path(encoders_dir)) if encoders_dir is not None else None
+    if source == "csv":
+        data = read_csv_source(Path(data_dir if data_dir is not None else DEMO_DATA_DIR))
+    elif source == "postgres":
+        connection = connect(dsn or default_dsn())
+        try:
+            data = read_postgres_source(connection, itersize)
+        finally:
+            connection.close()
+    else:
+        raise DataError(f"unknown source {source!r} (use csv or postgres)")
+    encoders, sequences, report = build_sequences(data, encoders)
+    out_dir = Path(out_dir)
+    training_path = save_training_file(out_dir, sequences.playlist_ids, sequences.offsets,
+                                       sequences.songs)
+    encoders.save(out_dir / ENCODERS_SUBDIR)
+    if refit_dir is not None:
+        encoders.save(Path(refit_dir))
+    lengths = sequences.lengths
+    summary: dict[str, object] = {
+        "source": source,
+        **report,
+        "songs": encoders.n_songs,
+        "albums": encoders.n_album_tokens - 1,
+        "artists": encoders.n_artist_tokens - 1,
+        "has_side_info": encoders.has_side_info,
+        "n_features": encoders.n_features,
+        "playlist_length": {"min": int(lengths.min()) if len(lengths) else 0,
+                            "median": float(np.median(lengths)) if len(lengths) else 0.0,
+                            "max": int(lengths.max()) if len(lengths) else 0},
+        "encoders": f"loaded from {encoders_dir}" if encoders_dir is not None else "fitted",
+        "encoders_fingerprint": encoders.fingerprint,
+        "training_file": str(training_path),
+        "training_sha256": _sha256(training_path),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return summary
+
+
+def default_dsn() -> str:
+    """DATABASE_URL from the environment, else a local server's postgres database."""
+    return os.environ.get("DATABASE_URL", DEFAULT_DSN)
+
+
+def format_summary(summary: dict[str, object]) -> str:
+    """Readable multi-line summary of a preprocessing run."""
+    dropped = ", ".join(f"{reason} {count}" for reason, count in summary["dropped_rows"].items())
+    lines = [
+        f"source: {summary['source']}",
+        f"playlists: {summary['playlists']} kept of {summary['playlists_read']} read "
+        f"({summary['dropped_empty_playlists']} dropped as empty, "
+        f"{summary['renumbered_playlists']} renumbered for gapped positions)",
+        f"playlist rows: {summary['rows_kept']} kept of {summary['rows_read']} read; dropped: "
+        f"{dropped or 'none'} ({summary['dropped_distinct_songs']} distinct songs)",
+        f"vocabulary: {summary['songs']} songs, {summary['albums']} albums, "
+        f"{summary['artists']} artists, {summary['n_features']} features per song "
+        f"(side information: {'yes' if summary['has_side_info'] else 'no'})",
+        "playlist length: min {min}, median {median:g}, max {max}".format(
+            **summary["playlist_length"]),
+    ]
+    cleaning = summary.get("feature_cleaning")
+    if cleaning is not None:
+        applied = ", ".join(f"{rule} {count}" for rule, count in cleaning.items()) or "none"
+        lines.append(f"feature cleaning (NULL -> fitted mean; time signature < 3 -> zeros): "
+                     f"{applied}")
+    lines += [
+        f"encoders: {summary['encoders']}, fingerprint {summary['encoders_fingerprint'][:16]}",
+        f"training file: {summary['training_file']} (sha256 {summary['training_sha256'][:16]})",
+        f"time: {summary['seconds']:.2f} s",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line interface of preprocessing.py."""
+    parser = argparse.ArgumentParser(
+        description="Turn playlists (PostgreSQL or CSV tables) into encoders and a training file.",
+        epilog="Database setup: --create-schema creates the tables in --dsn; --load-csv DIR also "
+               "COPYs DIR's artists, albums, songs, playlists and playlist_songs CSV files "
+               "(idempotent: loading twice leaves the same rows). Without --source they exit "
+               "after the setup; with --source postgres they continue with the preprocessing. "
+               "Exit status 2 means bad input; the message names the file, line or field.")
+    parser.add_argument("--source", choices=("csv", "postgres"), default=None,
+                        help="where the playlists come from (default: csv)")
+    parser.add_argument("--data", type=Path, default=DEMO_DATA_DIR,
+                        help="folder of CSV tables; only playlist_songs.csv is required "
+                             "(default: %(default)s)")
+    parser.add_argument("--dsn", default=default_dsn(),
+                        help=f"PostgreSQL DSN (default: $DATABASE_URL, else {DEFAULT_DSN})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder for training.npz and encoders/ "
+                             "(default: build/<source>)")
+    encoders = parser.add_mutually_exclusive_group()
+    encoders.add_argument("--encoders", type=Path, default=None, metavar="FOLDER",
+                          help="load these fitted encoders instead of fitting; playlist songs "
+                               "unknown to them are dropped and counted")
+    encoders.add_argument("--refit-encoders", type=Path, default=None, metavar="FOLDER",
+                          help="fit the encoders and also write them into FOLDER")
+    parser.add_argument("--create-schema", action="store_true",
+                        help="create the schema (sql/schema.sql) in --dsn")
+    parser.add_argument("--load-csv", type=Path, default=None, metavar="DIR",
+                        help="create the schema and COPY DIR's CSV tables into --dsn")
+    parser.add_argument("--itersize", type=int, default=DEFAULT_ITERSIZE,
+                        help="rows per round trip when streaming from PostgreSQL "
+                             "(default: %(default)s)")
+    return parser
+
+
+def _setup_database(dsn: str, load_dir: Path | None) -> None:
+    """Create the schema in ``dsn`` and, with ``load_dir``, load its CSV tables; print counts."""
+    connection = connect(dsn)
+    try:
+        create_schema(connection)
+        print(f"schema ready in {describe_dsn(dsn)}")
+        if load_dir is not None:
+            inserted = load_csv_tables(connection, load_dir)
+            print("rows inserted: " + ", ".join(f"{t} {n}" for t, n in inserted.items()))
+            print(json.dumps({"dsn": describe_dsn(dsn), "inserted": inserted}))
+    finally:
+        connection.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (2 for bad input, with a one-line message)."""
+    args = build_parser().parse_args(argv)
+    if args.itersize < 1:
+        print("error: --itersize must be positive", file=sys.stderr)
+        return 2
+    try:
+        if args.create_schema or args.load_csv is not None:
+            _setup_database(args.dsn, args.load_csv)
+            if args.source is None:
+                return 0
+        source = args.source or "csv"
+        summary = preprocess(source, args.out if args.out is not None else BUILD_DIR / source,
+                             data_dir=args.data, dsn=args.dsn, encoders_dir=args.encoders,
+                             refit_dir=args.refit_encoders, itersize=args.itersize)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except psycopg2.OperationalError as error:
+        print(f"error: cannot use PostgreSQL at {describe_dsn(args.dsn)}: {_one_line(error)}",
+              file=sys.stderr)
+        return 2
+    except psycopg2.Error as error:
+        print(f"error: PostgreSQL at {describe_dsn(args.dsn)}: {_one_line(error)} "
+              f"(create the tables with --create-schema or --load-csv)", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
