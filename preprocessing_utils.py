@@ -30,7 +30,7 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import secrets
 import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -196,7 +196,9 @@ def _numeric_matrix(songs: pd.DataFrame) -> np.ndarray:
 def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write through ``write(file)`` into a temp file in the same folder, fsync, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temp_name = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    handle = os.open(temp_name, flags, 0o666)
     try:
         with os.fdopen(handle, "wb") as file:
             write(file)
@@ -204,7 +206,7 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             os.fsync(file.fileno())
         os.replace(temp_name, path)
     except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
+        temp_name.unlink(missing_ok=True)
         raise
 
 
