@@ -1,0 +1,59 @@
+"""gunicorn settings for `make serve` (gunicorn --config gunicorn.conf.py "flask_app:create_app()").
+
+Binds HOST:PORT (default 127.0.0.1:8000) with WORKERS processes of THREADS threads each.
+Every worker process loads the model and starts its own queue worker threads after the fork
+(the master never does); SIGTERM lets them finish the batch in hand before the process exits.
+Prometheus metrics of all processes are aggregated through PROMETHEUS_MULTIPROC_DIR, which
+is created here when it is not set; it must be set before prometheus_client is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="b4mr-metrics-")
+
+from prometheus_client import multiprocess
+
+from flask_app import EXTENSION_KEY, Settings
+
+_settings = Settings.from_env()
+
+bind = f"{_settings.host}:{_settings.port}"
+workers = _settings.workers
+worker_class = "gthread"
+threads = _settings.threads
+timeout = 60
+graceful_timeout = int(_settings.shutdown_seconds) + 10
+errorlog = "-"
+loglevel = os.environ.get("LOG_LEVEL", "info")
+logging.basicConfig(level=loglevel.upper(),
+                    format="%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s")
+
+
+def on_starting(server: Any) -> None:
+    """Start from an empty metrics folder, so counters of an earlier run do not linger."""
+    for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
+        stale.unlink()
+
+
+def post_worker_init(worker: Any) -> None:
+    """Start the queue worker threads inside each worker process, after the fork."""
+    worker.wsgi.extensions[EXTENSION_KEY].start_workers()
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """Stop claiming and finish the batches in hand before the worker process exits."""
+    app = getattr(worker, "wsgi", None)
+    if app is not None:
+        app.extensions[EXTENSION_KEY].stop_workers()
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """Drop the live gauges of a worker process that ended."""
+    multiprocess.mark_process_dead(worker.pid)
