@@ -108,7 +108,8 @@ def create_schema(connection: Connection) -> None:
 def _read_transaction(connection: Connection) -> Iterator[None]:
     """One REPEATABLE READ snapshot for a multi-query read, ended afterwards if we began it."""
     autocommit = connection.autocommit
-    connection.autocommit = False
+    if autocommit:
+        connection.autocommit = False
     began = connection.get_transaction_status() == TRANSACTION_STATUS_IDLE
     try:
         if began:
@@ -118,7 +119,8 @@ def _read_transaction(connection: Connection) -> Iterator[None]:
     finally:
         if began:
             connection.rollback()
-        connection.autocommit = autocommit
+        if autocommit:
+            connection.autocommit = True
 
 
 def _csv_header(path: Path) -> list[str]:
@@ -126,7 +128,8 @@ def _csv_header(path: Path) -> list[str]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        return [str(column).strip() for column in pd.read_csv(path, nrows=0).columns]
+        header = pd.read_csv(path, nrows=0, encoding="utf-8-sig").columns
+        return [str(column).strip() for column in header]
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: empty file (expected a header line)") from None
 
@@ -139,7 +142,8 @@ def _read_csv_strings(path: Path, required: tuple[str, ...]) -> tuple[pd.DataFra
             raise DataError(f"{path.name}: missing column {column!r} "
                             f"(required: {', '.join(required)})")
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skip_blank_lines=False,
+                            encoding="utf-8-sig")
     except pd.errors.ParserError as error:
         detail = str(error).replace("Error tokenizing data. C error: ", "").strip()
         raise DataError(f"{path.name}: malformed row: {detail}") from None
@@ -332,7 +336,7 @@ def load_csv_tables(connection: Connection, data_dir: Path) -> dict[str, int]:
                     staging, sql.Identifier(table)))
             path = data_dir / f"{table}.csv"
             try:
-                with path.open(encoding="utf-8", newline="") as file:
+                with path.open(encoding="utf-8-sig", newline="") as file:
                     cursor.copy_expert(sql.SQL(
                         "COPY {} ({}) FROM STDIN WITH (FORMAT csv, HEADER true)").format(
                             staging, column_list), file)
@@ -384,8 +388,10 @@ def build_sequences(
     keep = tokens >= 0
     reason = "song_not_in_catalog" if fitted else "song_unknown_to_encoders"
     kept_ids, tokens = playlist_ids[keep], tokens[keep]
-    new_playlist = np.concatenate([[True], kept_ids[1:] != kept_ids[:-1]]) if len(tokens) else (
-        np.zeros(0, dtype=bool))
+    if not len(tokens):
+        raise DataError(f"playlist_songs: no usable rows ({len(order)} read, "
+                        f"{int((~keep).sum())} with songs missing from the catalog or encoders)")
+    new_playlist = np.concatenate([[True], kept_ids[1:] != kept_ids[:-1]])
     kept_starts = np.flatnonzero(new_playlist)
     sequences = Sequences(kept_ids[kept_starts].astype(np.int64),
                           np.append(kept_starts, len(tokens)).astype(np.int64),
@@ -452,9 +458,8 @@ def preprocess(
         "artists": encoders.n_artist_tokens - 1,
         "has_side_info": encoders.has_side_info,
         "n_features": encoders.n_features,
-        "playlist_length": {"min": int(lengths.min()) if len(lengths) else 0,
-                            "median": float(np.median(lengths)) if len(lengths) else 0.0,
-                            "max": int(lengths.max()) if len(lengths) else 0},
+        "playlist_length": {"min": int(lengths.min()), "median": float(np.median(lengths)),
+                            "max": int(lengths.max())},
         "encoders": f"loaded from {encoders_dir}" if encoders_dir is not None else "fitted",
         "encoders_fingerprint": encoders.fingerprint,
         "training_file": str(training_path),

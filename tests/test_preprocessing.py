@@ -144,6 +144,8 @@ def test_loaded_encoders_drop_and_count_songs_they_do_not_know(
     ([(3, 0, 1000010), (3, "x", 1000020)], r"playlist_songs.csv line 3: pos = 'x' is not an"),
     ([(3, 0, "1000010.5")], "line 2: song_id = '1000010.5' is not an integer"),
     ([(3, 0, "")], "line 2: song_id is empty"),
+    ([(3, 0, 1000099)], "no usable rows (1 read, 1 with songs missing"),
+    ([], "no usable rows (0 read"),
 ])
 def test_bad_playlist_rows_are_errors_naming_where(
     tables: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -223,6 +225,13 @@ def test_postgres_path_equals_csv_path_and_loading_is_idempotent(
         assert preprocessing.read_playlist_song_ids(connection, 9) == [1000010, 1000020, 1000040]
         assert preprocessing.read_playlist_song_ids(connection, 11) == []
         assert preprocessing.read_playlist_song_ids(connection, 12345) is None
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            assert preprocessing.read_playlist_song_ids(connection, 5) == [1000040]
+        connection.rollback()
+        connection.autocommit = True
+        assert preprocessing.read_playlist_song_ids(connection, 5) == [1000040]
+        assert connection.autocommit
         from_pg = preprocessing.read_catalog_names(connection)
     finally:
         connection.close()
