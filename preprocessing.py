@@ -516,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the playlists come from (default: csv)")
     parser.add_argument("--data", type=Path, default=DEMO_DATA_DIR,
                         help="folder of CSV tables; only playlist_songs.csv is required "
-                             "(default: %(default)s)")
+                             "(default: the repository's 'demo data')")
     parser.add_argument("--dsn", default=default_dsn(),
                         help=f"PostgreSQL DSN (default: $DATABASE_URL, else {DEFAULT_DSN})")
     parser.add_argument("--out", type=Path, default=None,
