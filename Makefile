@@ -33,7 +33,6 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV_PY) -m ruff check .
-	$(VENV_PY) -m ruff format --check .
 
 serve: $(STAMP)
 	$(VENV_PY) -m gunicorn --config gunicorn.conf.py "flask_app:create_app()"

@@ -108,7 +108,7 @@ def create_database(server_dsn: str) -> str:
     name = f"b4mr_test_{uuid.uuid4().hex[:12]}"
     connection = psycopg2.connect(server_dsn)
     connection.autocommit = True
-    with connection, connection.cursor() as cursor:
+    with connection.cursor() as cursor:
         cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     connection.close()
     return make_dsn(server_dsn, dbname=name)
