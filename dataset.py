@@ -1,0 +1,200 @@
+"""Training samples from the training file: split protocols, windows and cloze masking.
+
+Everything is built once as flat arrays (CSR: ``songs[offsets[i]:offsets[i + 1]]`` is
+sequence i) and whole batches are cut from them with numpy, never item by item. Windows are
+right-aligned (left padding), the layout ``model.BERT4Rec`` expects: the last column is the
+most recent song, or the [MASK] whose song is to be predicted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model import MASK_INDEX, PAD_INDEX
+from preprocessing_utils import Sequences
+
+
+@dataclass(frozen=True)
+class Playlists:
+    """Song-token sequences in CSR form, with the catalog playlist id of each."""
+
+    playlist_ids: np.ndarray
+    offsets: np.ndarray
+    songs: np.ndarray
+
+    def __len__(self) -> int:
+        """Number of sequences."""
+        return len(self.playlist_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Songs per sequence."""
+        return np.diff(self.offsets)
+
+    def sequence(self, index: int) -> np.ndarray:
+        """The songs of one sequence."""
+        return self.songs[self.offsets[index] : self.offsets[index + 1]]
+
+    @classmethod
+    def from_parts(
+        cls, playlist_ids: np.ndarray, source: Sequences | Playlists, starts: np.ndarray,
+        stops: np.ndarray,
+    ) -> Playlists:
+        """Sequences ``source.songs[starts[i]:stops[i]]`` (absolute positions), copied out."""
+        lengths = (stops - starts).astype(np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        within = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lengths)
+        songs = source.songs[np.repeat(starts, lengths) + within]
+        return cls(np.asarray(playlist_ids, dtype=np.int64), offsets, songs)
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Inputs (the songs before the target) and the song to predict, per sequence."""
+
+    inputs: Playlists
+    targets: np.ndarray
+
+    def __len__(self) -> int:
+        """Number of evaluated sequences."""
+        return len(self.targets)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Training sequences and the validation and test sets of one protocol."""
+
+    protocol: str
+    train: Playlists
+    validation: EvalSet
+    test: EvalSet
+
+    def popularity(self, n_song_tokens: int) -> np.ndarray:
+        """How often each song token occurs in the training part (int64, n_song_tokens)."""
+        return np.bincount(self.train.songs, minlength=n_song_tokens).astype(np.int64)
+
+
+def _eval_set(source: Sequences, rows: np.ndarray, drop: int) -> EvalSet:
+    """Predict song ``len - drop`` of each playlist in ``rows`` from the songs before it."""
+    starts = source.offsets[rows]
+    target_positions = source.offsets[rows + 1] - drop
+    inputs = Playlists.from_parts(source.playlist_ids[rows], source, starts, target_positions)
+    return EvalSet(inputs, source.songs[target_positions].copy())
+
+
+def split_sequences(
+    sequences: Sequences,
+    protocol: str,
+    train_share: float = 0.9,
+    seed: int = 42,
+    min_playlist_len: int = 2,
+) -> Split:
+    """Split playlists by ``protocol`` ('playlist' or 'leave_one_out'), deterministic by seed.
+
+    playlist: whole playlists are shuffled by seed; ``train_share`` of them train, the rest
+    are split in halves into validation and test, each predicting its playlist's last song.
+    leave_one_out: in every playlist the last song is the test target, the one before it the
+    validation target (playlists of 3+ songs) and the songs before that train.
+    """
+    lengths = np.diff(sequences.offsets)
+    kept = np.flatnonzero(lengths >= min_playlist_len)
+    offsets = sequences.offsets
+    if protocol == "playlist":
+        order = kept[np.random.default_rng(seed).permutation(len(kept))]
+        n_train = round(train_share * len(order))
+        n_validation = (len(order) - n_train) // 2
+        train_rows = np.sort(order[:n_train])
+        validation_rows = np.sort(order[n_train : n_train + n_validation])
+        test_rows = np.sort(order[n_train + n_validation :])
+        train = Playlists.from_parts(
+            sequences.playlist_ids[train_rows], sequences, offsets[train_rows],
+            offsets[train_rows + 1],
+        )
+        return Split(protocol, train, _eval_set(sequences, validation_rows, 1),
+                     _eval_set(sequences, test_rows, 1))
+    if protocol == "leave_one_out":
+        long_rows = kept[lengths[kept] >= 3]
+        train = Playlists.from_parts(
+            sequences.playlist_ids[long_rows], sequences, offsets[long_rows],
+            offsets[long_rows + 1] - 2,
+        )
+        return Split(protocol, train, _eval_set(sequences, long_rows, 2),
+                     _eval_set(sequences, kept, 1))
+    raise ValueError(f"unknown split protocol {protocol!r} (known: playlist, leave_one_out)")
+
+
+def gather_windows(
+    playlists: Playlists, rows: np.ndarray, ends: np.ndarray, width: int
+) -> np.ndarray:
+    """Right-aligned windows (len(rows), width): up to ``width`` songs ending before ``ends``.
+
+    ``ends`` are positions within each sequence (exclusive); missing songs are [PAD].
+    """
+    column = np.arange(width, dtype=np.int64)
+    back = width - column
+    positions = ends[:, None] - back[None, :]
+    valid = positions >= 0
+    flat = playlists.offsets[rows][:, None] + np.where(valid, positions, 0)
+    return np.where(valid, playlists.songs[flat], PAD_INDEX)
+
+
+def eval_tokens(eval_set: EvalSet, rows: np.ndarray, seq_len: int) -> torch.Tensor:
+    """Inputs (len(rows), seq_len): the latest seq_len - 1 songs, then [MASK] to predict."""
+    lengths = eval_set.inputs.lengths[rows]
+    tokens = np.full((len(rows), seq_len), MASK_INDEX, dtype=np.int64)
+    tokens[:, :-1] = gather_windows(eval_set.inputs, rows, lengths, seq_len - 1)
+    return torch.from_numpy(tokens)
+
+
+class TrainBatches(torch.utils.data.Dataset):
+    """Shuffled, cloze-masked training batches; batch i of epoch e is a function of (seed, e, i).
+
+    Each sample is a random window of up to ``seq_len`` songs of one training sequence; its
+    last song is always masked, each other song with probability ``cloze_probability``.
+    Works as a map-style dataset of whole batches (``DataLoader(batch_size=None)``), so
+    DataLoader workers and resumed runs produce exactly the same batches.
+    """
+
+    def __init__(
+        self, playlists: Playlists, seq_len: int, cloze_probability: float, batch_size: int,
+        seed: int,
+    ) -> None:
+        if len(playlists) == 0:
+            raise ValueError("no training sequences: the data or the split left none")
+        self.playlists = playlists
+        self.seq_len = seq_len
+        self.cloze_probability = cloze_probability
+        self.batch_size = batch_size
+        self.seed = seed
+        self.order = np.arange(len(playlists))
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Shuffle for ``epoch``; call before iterating over that epoch's batches."""
+        self.epoch = epoch
+        self.order = np.random.default_rng([self.seed, epoch]).permutation(len(self.playlists))
+
+    def __len__(self) -> int:
+        """Batches per epoch (the last may be smaller)."""
+        return -(-len(self.playlists) // self.batch_size)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``index`` of the current epoch as (inputs, labels), both int64 (B, seq_len)."""
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+        lengths = self.playlists.lengths[rows]
+        widths = np.minimum(lengths, self.seq_len)
+        ends = widths + rng.integers(0, lengths - widths + 1)
+        tokens = gather_windows(self.playlists, rows, ends, self.seq_len)
+        real = tokens != PAD_INDEX
+        masked = real & (rng.random(tokens.shape) < self.cloze_probability)
+        masked[:, -1] = True
+        labels = np.where(masked, tokens, PAD_INDEX)
+        inputs = np.where(masked, MASK_INDEX, tokens)
+        return torch.from_numpy(inputs), torch.from_numpy(labels)

@@ -1,0 +1,242 @@
+"""BERT4Rec with side information: the network only.
+
+Every position is a song token index. The model looks up the song's album, artist and numeric
+features itself, from tables registered as buffers, so callers pass song indices only. The
+[PAD] (0) and [MASK] (1) rows of those tables are zero: a masked position cannot reveal its
+album, artist or features.
+
+Positions are aligned to the right: the last column of the input is always position
+``seq_len - 1``, so a shorter input (fewer columns) or extra left padding does not change the
+result. Callers put the playlist's latest songs at the end, with [MASK] last when predicting.
+
+Output head: with ``tie_head`` the hidden state is projected to the song embedding's width
+(``d_song`` with side features, ``d_model`` without) and scored against the song embedding,
+so tying works whatever the widths are and the inference matrix-vector product is as narrow as
+the song embedding. Without ``tie_head`` the head is a separate ``Linear(d_model, n_songs)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from config import ModelConfig
+
+PAD_INDEX = 0
+MASK_INDEX = 1
+FIRST_SONG_INDEX = 2
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention that never attends to padding."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+        """Attend from every position to the non-padding positions; ``attend`` is (B, 1, 1, L)."""
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).split(width, dim=2)
+        shape = (batch, length, self.n_heads, width // self.n_heads)
+        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attend, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out(y.transpose(1, 2).reshape(batch, length, width))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm encoder block: attention and feed-forward, each with a residual."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float) -> None:
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(d_model)
+        self.attention = SelfAttention(d_model, n_heads, dropout)
+        self.feed_forward_norm = nn.LayerNorm(d_model)
+        self.feed_forward = nn.Sequential(
+            nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model)
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+        """Apply the block to (B, L, d_model) hidden states."""
+        x = x + self.dropout(self.attention(self.attention_norm(x), attend))
+        return x + self.dropout(self.feed_forward(self.feed_forward_norm(x)))
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``x @ weight.T + bias`` against ``targets``, fused for the CPU.
+
+    Same value and gradients as ``F.cross_entropy`` on the logits, computed as
+    ``logsumexp - target logit``; the backward pass turns the saved logits into
+    probabilities in place instead of building a one-hot tensor and a log-softmax gradient,
+    which with 116k songs is most of the step's memory traffic. Single backward only.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets):
+        """Loss from the logits, which are kept (shifted by their row maximum) for backward."""
+        shifted = torch.addmm(bias, x, weight.T)
+        shifted.sub_(shifted.amax(dim=1, keepdim=True))
+        log_total = torch.cat([rows.exp().sum(dim=1) for rows in shifted.split(64)]).log_()
+        target_logit = shifted.gather(1, targets[:, None]).squeeze(1)
+        ctx.save_for_backward(x, weight, shifted, log_total, targets)
+        return (log_total - target_logit).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        """Gradients from softmax minus one-hot, scaled by grad / n."""
+        x, weight, shifted, log_total, targets = ctx.saved_tensors
+        probabilities = shifted.sub_(log_total[:, None]).exp_()
+        rows = torch.arange(len(targets), device=targets.device)
+        probabilities[rows, targets] -= 1.0
+        scale = grad / len(targets)
+        grad_x = (probabilities @ weight) * scale
+        grad_weight = probabilities.T @ (x * scale)
+        grad_bias = probabilities.sum(dim=0) * scale
+        return grad_x, grad_weight, grad_bias, None
+
+
+def sinusoidal_table(length: int, width: int) -> torch.Tensor:
+    """The fixed sine/cosine position table of "Attention is all you need", (length, width)."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    frequency = torch.exp(torch.arange(0, width, 2, dtype=torch.float32) * (-math.log(1e4) / width))
+    table = torch.zeros(length, width)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency[: width // 2])
+    return table
+
+
+class BERT4Rec(nn.Module):
+    """Bidirectional transformer over playlists; inputs are song token indices (B, L)."""
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        n_song_tokens: int,
+        n_album_tokens: int,
+        n_artist_tokens: int,
+        n_features: int,
+        seq_len: int,
+    ) -> None:
+        super().__init__()
+        config = model_config
+        d_model = config.d_model
+        self.seq_len = seq_len
+        self.n_song_tokens = n_song_tokens
+        self.use_side = config.side_features and (
+            n_features > 0 or n_album_tokens > 1 or n_artist_tokens > 1
+        )
+        song_width = config.d_song if self.use_side else d_model
+        self.song_embedding = nn.Embedding(n_song_tokens, song_width, padding_idx=PAD_INDEX)
+        if self.use_side:
+            self.album_embedding = nn.Embedding(n_album_tokens, config.d_album, padding_idx=0)
+            self.artist_embedding = nn.Embedding(n_artist_tokens, config.d_artist, padding_idx=0)
+            self.feature_projection = nn.Linear(n_features, d_model) if n_features else None
+            self.register_buffer("song_album", torch.zeros(n_song_tokens, dtype=torch.long))
+            self.register_buffer("song_artist", torch.zeros(n_song_tokens, dtype=torch.long))
+            self.register_buffer("song_features", torch.zeros(n_song_tokens, n_features))
+        self.input_norm = nn.LayerNorm(d_model)
+        if config.positional == "learned":
+            self.position_embedding = nn.Parameter(torch.zeros(seq_len, d_model))
+            nn.init.normal_(self.position_embedding, std=0.02)
+        else:
+            self.register_buffer("position_embedding", sinusoidal_table(seq_len, d_model))
+        self.input_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            Block(d_model, config.n_heads, config.d_ff, config.dropout)
+            for _ in range(config.n_layers)
+        )
+        self.final_norm = nn.LayerNorm(d_model)
+        self.tie_head = config.tie_head
+        if self.tie_head:
+            self.head_transform = nn.Sequential(
+                nn.Linear(d_model, song_width), nn.GELU(), nn.LayerNorm(song_width)
+            )
+            self.head_bias = nn.Parameter(torch.zeros(n_song_tokens))
+        else:
+            self.head = nn.Linear(d_model, n_song_tokens)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """Small normal weights and zero biases, as in BERT; padding rows stay zero."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+
+    def set_side_tables(
+        self, song_album: torch.Tensor, song_artist: torch.Tensor, song_features: torch.Tensor
+    ) -> None:
+        """Copy the per-song album, artist and feature tables in; rows [PAD] and [MASK] -> 0."""
+        if not self.use_side:
+            return
+        with torch.no_grad():
+            self.song_album.copy_(torch.as_tensor(song_album, dtype=torch.long))
+            self.song_artist.copy_(torch.as_tensor(song_artist, dtype=torch.long))
+            self.song_features.copy_(torch.as_tensor(song_features, dtype=torch.float32))
+            for table in (self.song_album, self.song_artist, self.song_features):
+                table[PAD_INDEX].zero_()
+                table[MASK_INDEX].zero_()
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Input vectors (B, L, d_model) before positions: song ⊕ album ⊕ artist (+ features)."""
+        song = self.song_embedding(tokens)
+        if not self.use_side:
+            return song
+        parts = [song, self.album_embedding(self.song_album[tokens])]
+        parts.append(self.artist_embedding(self.song_artist[tokens]))
+        x = torch.cat(parts, dim=-1)
+        if self.feature_projection is not None:
+            x = x + self.feature_projection(self.song_features[tokens])
+        return x
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, L, d_model) of right-aligned token indices (B, L), L <= seq_len."""
+        length = tokens.shape[1]
+        if length > self.seq_len:
+            raise ValueError(f"input has {length} positions, the model takes {self.seq_len}")
+        attend = (tokens != PAD_INDEX)[:, None, None, :]
+        x = self.input_norm(self.embed(tokens)) + self.position_embedding[self.seq_len - length :]
+        x = self.input_dropout(x)
+        for block in self.blocks:
+            x = block(x, attend)
+        return self.final_norm(x)
+
+    def head_parts(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The head as ``(x, weight, bias)`` with logits = x @ weight.T + bias."""
+        if self.tie_head:
+            return self.head_transform(hidden), self.song_embedding.weight, self.head_bias
+        return hidden, self.head.weight, self.head.bias
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Scores over every song token (..., n_song_tokens) for hidden states (..., d_model)."""
+        x, weight, bias = self.head_parts(hidden)
+        return F.linear(x, weight, bias)
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy at the masked positions only; ``labels`` is 0 everywhere else."""
+        masked = labels != PAD_INDEX
+        hidden = self.encode(tokens)[masked]
+        targets = labels[masked]
+        if hidden.is_cuda:
+            return F.cross_entropy(self.logits(hidden).float(), targets)
+        x, weight, bias = self.head_parts(hidden)
+        return LinearCrossEntropy.apply(x, weight, bias, targets)
+
+    def predict_last(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Scores (B, n_song_tokens) at the last position; [PAD] and [MASK] get -inf."""
+        scores = self.logits(self.encode(tokens)[:, -1]).float()
+        scores[:, :FIRST_SONG_INDEX] = float("-inf")
+        return scores
