@@ -35,6 +35,7 @@ import psycopg2.errors
 import psycopg2.pool
 from dotenv import load_dotenv
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from flask.cli import with_appcontext
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -1280,6 +1281,7 @@ def _model_for_cli(current: RecommendationService) -> Recommender:
 
 
 @click.command("init-db")
+@with_appcontext
 @click.option("--refresh-trigger", is_flag=True,
               help="Also install sql/refresh_trigger.sql (enqueue on playlist changes).")
 def init_db_command(refresh_trigger: bool) -> None:
@@ -1289,6 +1291,7 @@ def init_db_command(refresh_trigger: bool) -> None:
 
 
 @click.command("load-demo")
+@with_appcontext
 @click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path),
               default=DEMO_DATA_DIR, show_default=True, help="Folder of the demo CSV tables.")
 def load_demo_command(data_dir: Path) -> None:
@@ -1306,6 +1309,7 @@ def load_demo_command(data_dir: Path) -> None:
 
 
 @click.command("worker")
+@with_appcontext
 def worker_command() -> None:
     """Run the queue workers without HTTP until SIGTERM or Ctrl-C."""
     current = service()
@@ -1323,6 +1327,7 @@ def worker_command() -> None:
 
 
 @click.command("score-all")
+@with_appcontext
 @click.option("--k", type=click.IntRange(1, MAX_K), default=10, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1, 10_000), default=256, show_default=True)
 @click.option("--include-seen", is_flag=True, help="Allow songs already in the playlist.")
