@@ -196,6 +196,20 @@ def connection_options(connect_timeout: int) -> dict[str, Any]:
     }
 
 
+class LazyConnectionPool(psycopg2.pool.ThreadedConnectionPool):
+    """ThreadedConnectionPool that opens connections on demand and keeps them for reuse.
+
+    With minconn 0 psycopg2 would close every returned connection, and with minconn > 0 its
+    constructor connects at once (and fails while the database is down); so it starts at 0
+    and then keeps up to maxconn idle connections.
+    """
+
+    def __init__(self, maxconn: int, dsn: str, **options: Any) -> None:
+        """Connect nothing yet."""
+        super().__init__(0, maxconn, dsn, **options)
+        self.minconn = maxconn
+
+
 class Database:
     """A thread-safe connection pool that discards broken connections instead of reusing them."""
 
@@ -204,17 +218,17 @@ class Database:
         self.dsn = dsn
         self.size = size
         self.connect_timeout = connect_timeout
-        self._pool: psycopg2.pool.ThreadedConnectionPool | None = None
+        self._pool: LazyConnectionPool | None = None
         self._pool_pid = 0
         self._slots = threading.BoundedSemaphore(size)
         self._lock = threading.Lock()
 
-    def _current_pool(self) -> psycopg2.pool.ThreadedConnectionPool:
+    def _current_pool(self) -> LazyConnectionPool:
         """The pool of this process; a forked child never reuses its parent's sockets."""
         with self._lock:
             if self._pool is None or self._pool_pid != os.getpid():
-                self._pool = psycopg2.pool.ThreadedConnectionPool(
-                    0, self.size, self.dsn, **connection_options(self.connect_timeout))
+                self._pool = LazyConnectionPool(self.size, self.dsn,
+                                                **connection_options(self.connect_timeout))
                 self._pool_pid = os.getpid()
             return self._pool
 
@@ -691,7 +705,7 @@ class QueueWorkers:
                     connection.close()
 
     def _listen_on(self, connection: Any) -> None:
-        """Wait for notifications on one connection; reclaim expired leases every poll."""
+        """Wait for notifications on one connection; reclaim expired leases meanwhile."""
         while not self._stopping.is_set():
             with connection.cursor() as cursor:
                 cursor.execute(sql_text("jobs_reclaim"),
@@ -701,7 +715,8 @@ class QueueWorkers:
                 log.warning("reclaimed %d jobs whose lease expired", len(reclaimed))
                 JOB_OUTCOMES.labels("reclaimed").inc(len(reclaimed))
                 self._wake.notify()
-            readable, _, _ = select.select([connection], [], [], self.settings.poll_seconds)
+            readable, _, _ = select.select([connection], [], [],
+                                           min(self.settings.poll_seconds, 0.5))
             if readable:
                 connection.poll()
                 if connection.notifies:
