@@ -997,7 +997,7 @@ def metrics() -> Response:
 @api.get("/openapi.json")
 def openapi() -> Response:
     """The OpenAPI 3 document of this API."""
-    return jsonify(openapi_document(bool(service().settings.api_token)))
+    return jsonify(openapi_document(service().settings))
 
 
 @api.post("/recommend")
@@ -1048,9 +1048,13 @@ def recommend_songs() -> Response:
     return jsonify(current.recommend_songs(ids, _k(body), exclude_seen))
 
 
+def _start_timer() -> None:
+    """Remember when the request started, for the latency histogram."""
+    g.started = time.perf_counter()
+
+
 def _authorize() -> tuple[Response, int, dict[str, str]] | None:
     """Refuse requests without the bearer token when API_TOKEN is set."""
-    g.started = time.perf_counter()
     token = current_app.extensions[EXTENSION_KEY].settings.api_token
     if not token or request.endpoint in PUBLIC_ENDPOINTS:
         return None
@@ -1128,8 +1132,8 @@ def _nullable(kind: str, **extra: Any) -> dict[str, Any]:
     return {"type": kind, "nullable": True, **extra}
 
 
-def openapi_document(token_required: bool) -> dict[str, Any]:
-    """The hand-written OpenAPI 3.0 description of every route."""
+def openapi_document(settings: Settings) -> dict[str, Any]:
+    """The hand-written OpenAPI 3.0 description of every route under these settings."""
     integer_id = {"type": "integer", "minimum": 0, "maximum": BIGINT_MAX}
     k = {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10}
     common = {
@@ -1198,7 +1202,7 @@ def openapi_document(token_required: bool) -> dict[str, Any]:
         "SongsRequest": {
             "type": "object", "required": ["song_ids"], "additionalProperties": False,
             "properties": {
-                "song_ids": {"type": "array", "minItems": 1, "maxItems": 500,
+                "song_ids": {"type": "array", "minItems": 1, "maxItems": settings.max_song_ids,
                              "items": integer_id},
                 "k": k,
                 "exclude_seen": {"type": "boolean", "default": True},
@@ -1273,7 +1277,7 @@ def openapi_document(token_required: bool) -> dict[str, Any]:
         "paths": paths,
         "components": {"schemas": schemas},
     }
-    if token_required:
+    if settings.api_token:
         document["components"]["securitySchemes"] = {"bearer": {"type": "http",
                                                                 "scheme": "bearer"}}
         document["security"] = [{"bearer": []}]
@@ -1393,6 +1397,7 @@ def create_app(settings: Settings | None = None, recommender: Recommender | None
     app.json.sort_keys = False
     app.extensions[EXTENSION_KEY] = RecommendationService(settings, recommender)
     app.register_blueprint(api)
+    app.before_request(_start_timer)
     app.before_request(_authorize)
     app.after_request(_observe)
     app.register_error_handler(ApiError, _api_error)

@@ -7,6 +7,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hypothesis
 import psycopg2
@@ -26,6 +27,9 @@ from service_support import (
 
 import flask_app
 from flask_app import Settings, create_app
+
+if TYPE_CHECKING:
+    from train import Recommendation, Recommender
 
 EXTENSION = flask_app.EXTENSION_KEY
 REAL_MODEL = object()
@@ -107,12 +111,13 @@ def playlist_songs(dsn: str, playlist_id: int) -> list[int]:
 class FlakyRecommender:
     """The real recommender whose first ``failures`` calls raise, as a crashing model would."""
 
-    def __init__(self, inner, failures: int) -> None:
+    def __init__(self, inner: Recommender, failures: int) -> None:
         self.inner = inner
         self.failures = failures
         self.model_version = inner.model_version
 
-    def recommend(self, playlists, k=10, exclude_seen=True):
+    def recommend(self, playlists: list[list[int]], k: int = 10,
+                  exclude_seen: bool = True) -> list[Recommendation]:
         if self.failures > 0:
             self.failures -= 1
             raise RuntimeError("injected model failure")
@@ -496,7 +501,7 @@ def test_cli_init_db_twice_and_score_all(app, demo_dsn: str) -> None:
 # -- fuzzing from the OpenAPI document -----------------------------------------------------------
 
 
-fuzzed = schemathesis.openapi.from_dict(flask_app.openapi_document(token_required=False))
+fuzzed = schemathesis.openapi.from_dict(flask_app.openapi_document(Settings()))
 
 
 @fuzzed.parametrize()
