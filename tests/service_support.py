@@ -25,7 +25,7 @@ DEMO_ENCODERS = REPO_ROOT / "preprocessing encoders"
 
 TINY_MODEL = ("model.d_song=16", "model.d_album=8", "model.d_artist=8", "model.d_ff=32",
               "model.n_layers=1", "model.n_heads=2", "train.epochs=1", "train.device=cpu",
-              "train.batch_size=256")
+              "train.batch_size=2048")
 
 AUDIT_SQL = """
 CREATE TABLE IF NOT EXISTS job_done_log (

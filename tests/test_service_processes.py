@@ -157,3 +157,17 @@ def test_database_cut_mid_run_recovers_without_restart(services, demo_dsn: str) 
     assert service.process.poll() is None
     assert service.process.pid == pid
     proxy.cut()
+
+
+def test_sigterm_finishes_claimed_jobs_before_exit(services, demo_dsn: str) -> None:
+    service = services(JOB_BATCH_SIZE="2", LEASE_SECONDS="60")
+    playlists = demo_playlist_ids(demo_dsn, 200)
+    execute(demo_dsn, "SELECT request_recommendations(playlist_id, 100) "
+                      "FROM unnest(%s::bigint[]) AS playlist_id", (playlists,))
+    wait_until(lambda: statuses(demo_dsn).get("running"), timeout=30, interval=0.002,
+               message="a claimed batch in flight")
+    service.stop()
+    assert service.process.returncode == 0
+    left = statuses(demo_dsn)
+    assert "running" not in left, f"a claimed job was abandoned at shutdown: {left}"
+    assert left.get("done", 0) + left.get("queued", 0) == 200
