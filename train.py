@@ -163,10 +163,13 @@ class Transition:
 def model_scorer(model: BERT4Rec, seq_len: int, device: torch.device) -> ScoreFunction:
     """Scores of the model at a [MASK] appended after each sequence's latest window."""
 
+    with torch.no_grad():
+        vectors = model.song_vectors()
+
     def score(eval_set: EvalSet, rows: np.ndarray) -> torch.Tensor:
         tokens = eval_tokens(eval_set, rows, seq_len).to(device)
         with torch.no_grad(), autocast(device):
-            return model.predict_last(tokens).float().cpu()
+            return model.predict_last(tokens, vectors).float().cpu()
 
     return score
 
@@ -331,7 +334,7 @@ def check_same_encoders(checkpoint: dict[str, Any], encoders: Encoders, where: P
 
 def encoders_to_tensors(encoders: Encoders) -> dict[str, torch.Tensor]:
     """The encoders' arrays as tensors, which weights_only loading accepts."""
-    return {name: torch.from_numpy(np.ascontiguousarray(array))
+    return {name: torch.from_numpy(np.array(array))
             for name, array in encoders.to_arrays().items()}
 
 
@@ -500,6 +503,8 @@ class Recommender:
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        with torch.no_grad():
+            self.song_vectors = self.model.song_vectors().detach()
         self.encoders = encoders
         self.popularity = popularity.double().clone()
         self.popularity[:FIRST_SONG_INDEX] = -1.0
@@ -559,7 +564,7 @@ class Recommender:
         for row, tokens in enumerate(sequences):
             window = tokens[-(width - 1) :]
             batch[row, width - 1 - len(window) : width - 1] = torch.from_numpy(window)
-        scores = self.model.predict_last(batch.to(self.device))
+        scores = self.model.predict_last(batch.to(self.device), self.song_vectors)
         if exclude_seen:
             for row, tokens in enumerate(sequences):
                 scores[row, torch.from_numpy(tokens).to(self.device)] = float("-inf")

@@ -1,0 +1,172 @@
+"""The network: shapes, the fused loss, no leaks through masks or padding, every variant trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from config import ModelConfig
+from model import FIRST_SONG_INDEX, MASK_INDEX, PAD_INDEX, BERT4Rec, LinearCrossEntropy
+
+N_SONGS, N_ALBUMS, N_ARTISTS, N_FEATURES, SEQ_LEN = 40, 9, 5, 21, 8
+
+
+def tiny_config(**changes: object) -> ModelConfig:
+    """A model small enough to train in a blink."""
+    config = ModelConfig(d_song=16, d_album=8, d_artist=8, d_ff=32, n_layers=2, n_heads=2,
+                         dropout=0.0)
+    for name, value in changes.items():
+        setattr(config, name, value)
+    return config
+
+
+def tiny_model(seed: int = 0, **changes: object) -> BERT4Rec:
+    """A model with random but fixed side tables."""
+    torch.manual_seed(seed)
+    model = BERT4Rec(tiny_config(**changes), N_SONGS, N_ALBUMS, N_ARTISTS, N_FEATURES, SEQ_LEN)
+    generator = torch.Generator().manual_seed(1)
+    model.set_side_tables(
+        torch.randint(1, N_ALBUMS, (N_SONGS,), generator=generator),
+        torch.randint(1, N_ARTISTS, (N_SONGS,), generator=generator),
+        torch.randn(N_SONGS, N_FEATURES, generator=generator),
+    )
+    return model
+
+
+def random_tokens(batch: int = 4, length: int = SEQ_LEN, seed: int = 2) -> torch.Tensor:
+    """Song tokens (no specials)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(FIRST_SONG_INDEX, N_SONGS, (batch, length), generator=generator)
+
+
+def test_shapes_and_dtypes() -> None:
+    model = tiny_model().eval()
+    tokens = random_tokens()
+    hidden = model.encode(tokens)
+    assert hidden.shape == (4, SEQ_LEN, 32) and hidden.dtype == torch.float32
+    assert model.logits(hidden[:, -1]).shape == (4, N_SONGS)
+    scores = model.predict_last(tokens)
+    assert scores.shape == (4, N_SONGS)
+    assert torch.isinf(scores[:, :FIRST_SONG_INDEX]).all()
+    labels = torch.zeros_like(tokens)
+    labels[:, -1] = tokens[:, -1]
+    loss = model.loss(tokens, labels)
+    assert loss.shape == () and loss.dtype == torch.float32
+
+
+def test_d_model_is_the_same_without_side_features() -> None:
+    with_side = tiny_model()
+    without = tiny_model(side_features=False)
+    assert with_side.song_embedding.weight.shape[1] == 16
+    assert without.song_embedding.weight.shape[1] == 32
+    assert without.encode(random_tokens()).shape == with_side.encode(random_tokens()).shape
+
+
+def test_data_without_side_information_uses_song_ids_only() -> None:
+    model = BERT4Rec(tiny_config(), N_SONGS, 1, 1, 0, SEQ_LEN)
+    assert not model.use_side
+    assert model.encode(random_tokens()).shape == (4, SEQ_LEN, 32)
+
+
+def test_fused_loss_matches_cross_entropy_in_value_and_gradient() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 3, 10, 2, 2, 7, 5])
+    expected = F.cross_entropy(F.linear(x, weight, bias), targets)
+    expected_grads = torch.autograd.grad(expected, (x, weight, bias))
+    fused = LinearCrossEntropy.apply(x, weight, bias, targets)
+    fused_grads = torch.autograd.grad(fused, (x, weight, bias))
+    torch.testing.assert_close(fused, expected)
+    for got, want in zip(fused_grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_model_loss_equals_cross_entropy_on_the_masked_positions() -> None:
+    model = tiny_model().eval()
+    tokens = random_tokens()
+    labels = torch.where(torch.rand(tokens.shape) < 0.3, tokens, PAD_INDEX)
+    labels[:, -1] = tokens[:, -1]
+    inputs = torch.where(labels != PAD_INDEX, MASK_INDEX, tokens)
+    masked = labels != PAD_INDEX
+    expected = F.cross_entropy(model.logits(model.encode(inputs)[masked]), labels[masked])
+    torch.testing.assert_close(model.loss(inputs, labels), expected)
+
+
+def test_mask_and_pad_rows_of_the_side_tables_are_zero() -> None:
+    model = BERT4Rec(tiny_config(), N_SONGS, N_ALBUMS, N_ARTISTS, N_FEATURES, SEQ_LEN)
+    model.set_side_tables(torch.full((N_SONGS,), 3), torch.full((N_SONGS,), 2),
+                          torch.ones(N_SONGS, N_FEATURES))
+    for special in (PAD_INDEX, MASK_INDEX):
+        assert model.song_album[special] == 0 and model.song_artist[special] == 0
+        assert not model.song_features[special].any()
+    vector = model.embed(torch.tensor([[MASK_INDEX]]))[0, 0]
+    song_part = model.song_embedding.weight[MASK_INDEX]
+    assert torch.equal(vector[16:], model.feature_projection.bias[16:])
+    torch.testing.assert_close(vector[:16], song_part + model.feature_projection.bias[:16])
+
+
+def test_masked_song_side_information_cannot_change_the_prediction() -> None:
+    model = tiny_model().eval()
+    tokens = random_tokens(batch=1)
+    target = int(tokens[0, -1])
+    tokens[0, -1] = MASK_INDEX
+    before = model.encode(tokens)
+    model.song_album[target] = (model.song_album[target] % (N_ALBUMS - 1)) + 1
+    model.song_features[target] += 5.0
+    if target not in tokens:
+        torch.testing.assert_close(model.encode(tokens), before)
+
+
+def test_padding_is_never_attended() -> None:
+    model = tiny_model().eval()
+    short = random_tokens(batch=1, length=5)
+    padded = torch.cat([torch.zeros(1, SEQ_LEN - 5, dtype=torch.long), short], dim=1)
+    torch.testing.assert_close(model.encode(padded)[:, -5:], model.encode(short))
+    torch.testing.assert_close(model.predict_last(padded), model.predict_last(short))
+
+
+def test_batch_mates_do_not_change_a_sequence_output() -> None:
+    model = tiny_model().eval()
+    alone = random_tokens(batch=1)
+    alone[0, :3] = PAD_INDEX
+    batch = torch.cat([alone, random_tokens(batch=3, seed=9)])
+    torch.testing.assert_close(model.encode(batch)[:1], model.encode(alone))
+
+
+def test_input_longer_than_seq_len_is_refused() -> None:
+    with pytest.raises(ValueError, match="positions"):
+        tiny_model().encode(random_tokens(length=SEQ_LEN + 1))
+
+
+@pytest.mark.parametrize("positional", ["learned", "sinusoidal"])
+@pytest.mark.parametrize("tie_head", [True, False])
+@pytest.mark.parametrize("side_features", [True, False])
+def test_every_variant_trains(positional: str, tie_head: bool, side_features: bool) -> None:
+    model = tiny_model(positional=positional, tie_head=tie_head, side_features=side_features)
+    model.train()
+    tokens = random_tokens(batch=16)
+    labels = torch.zeros_like(tokens)
+    labels[:, -1] = tokens[:, -1]
+    labels[:, 2] = tokens[:, 2]
+    inputs = torch.where(labels != PAD_INDEX, MASK_INDEX, tokens)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        loss = model.loss(inputs, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_cached_song_vectors_give_the_same_scores() -> None:
+    model = tiny_model().eval()
+    tokens = random_tokens()
+    with torch.no_grad():
+        vectors = model.song_vectors()
+        torch.testing.assert_close(model.predict_last(tokens, vectors),
+                                   model.predict_last(tokens))
