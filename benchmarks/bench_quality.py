@@ -1,0 +1,79 @@
+"""Demo-data quality: the model against the ids-only model and both baselines, same split.
+
+    python benchmarks/bench_quality.py [--protocol playlist|leave_one_out] [--threads 2]
+                                       [--set section.key=value ...]
+
+Builds build/demo with preprocessing.py when it is missing, trains the demo preset with side
+features and without (early stopping on validation), evaluates both on the test split and
+prints one JSON object as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from config import Config, load_config  # noqa: E402
+from dataset import split_sequences  # noqa: E402
+from train import build_model, evaluate_split, load_checkpoint, load_data, train  # noqa: E402
+
+KEYS = ("ndcg@10", "hr@10", "mrr")
+
+
+def evaluate_run(run_dir: Path, data_dir: Path) -> dict:
+    """Test metrics of a run's best checkpoint, with both baselines on the same split."""
+    checkpoint = load_checkpoint(run_dir / "best.pt")
+    config = Config.from_dict(checkpoint["config"])
+    encoders, sequences = load_data(data_dir)
+    model = build_model(config, encoders)
+    model.load_state_dict(checkpoint["model"])
+    split = split_sequences(sequences, config.data.split_protocol, config.data.train_share,
+                            config.train.seed, config.data.min_playlist_len)
+    return evaluate_split(model, split, config, torch.device("cpu"), "test")
+
+
+def main() -> None:
+    """Train both variants, evaluate, print the comparison."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--protocol", choices=("playlist", "leave_one_out"), default="playlist")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data", type=Path, default=REPO_ROOT / "build" / "demo")
+    parser.add_argument("--runs", type=Path, default=REPO_ROOT / "runs" / "bench_quality")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args()
+    if not (args.data / "training.npz").is_file():
+        subprocess.run([sys.executable, str(REPO_ROOT / "preprocessing.py"), "--source", "csv",
+                        "--data", str(REPO_ROOT / "demo data"), "--encoders",
+                        str(REPO_ROOT / "preprocessing encoders"), "--out", str(args.data)],
+                       check=True)
+    results = {}
+    for name, extra in (("model", []), ("ids_only", ["model.side_features=false"])):
+        run_dir = args.runs / f"{args.protocol}_{name}"
+        config = load_config("demo", overrides=[
+            *args.overrides, *extra, f"data.split_protocol={args.protocol}",
+            f"paths.data_dir={args.data}", f"paths.run_dir={run_dir}",
+            f"train.threads={args.threads}"])
+        summary = train(config, progress=False)
+        evaluation = evaluate_run(run_dir, args.data)
+        results[name] = {key: evaluation["model"][key] for key in KEYS}
+        results[name]["best_epoch"] = summary["best_epoch"]
+        results[name]["train_seconds"] = summary["seconds"]
+        for baseline in ("most_popular", "transition"):
+            results[baseline] = {key: evaluation[baseline][key] for key in KEYS}
+        results["test_sequences"] = evaluation["sequences"]
+    results["protocol"] = args.protocol
+    better = max(results["most_popular"]["ndcg@10"], results["transition"]["ndcg@10"])
+    results["model_over_best_baseline"] = results["model"]["ndcg@10"] / max(better, 1e-12)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
