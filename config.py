@@ -125,19 +125,19 @@ def _preset_full() -> Config:
 def _preset_demo() -> Config:
     """A smaller model that trains on the demo data in a few CPU minutes."""
     config = Config(preset="demo")
-    config.data.seq_len = 32
-    config.data.cloze_probability = 0.2
+    config.data.seq_len = 16
+    config.data.cloze_probability = 0.3
     config.model.d_song = 64
     config.model.d_album = 32
     config.model.d_artist = 32
     config.model.d_ff = 256
     config.model.n_layers = 2
     config.model.n_heads = 2
-    config.model.dropout = 0.2
-    config.train.batch_size = 128
-    config.train.epochs = 30
-    config.train.lr = 2e-3
-    config.train.patience = 4
+    config.model.dropout = 0.1
+    config.train.batch_size = 64
+    config.train.epochs = 40
+    config.train.lr = 3e-3
+    config.train.patience = 10
     return config
 
 
