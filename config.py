@@ -45,7 +45,11 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Shape of the network; d_model = d_song + d_album + d_artist."""
+    """Shape of the network; d_model = d_song + d_album + d_artist.
+
+    ``side_pointer`` adds copy scores to the head: attention from the predicted position over
+    the sequence's songs, summed per artist and per album of each candidate song.
+    """
 
     d_song: int = 64
     d_album: int = 32
@@ -57,6 +61,7 @@ class ModelConfig:
     positional: str = "learned"
     tie_head: bool = True
     side_features: bool = True
+    side_pointer: bool = False
 
     @property
     def d_model(self) -> int:
@@ -123,9 +128,13 @@ def _preset_full() -> Config:
 
 
 def _preset_demo() -> Config:
-    """A smaller model that trains on the demo data in a few CPU minutes."""
+    """A smaller model that trains on the demo data in a few CPU minutes.
+
+    Demo playlists never repeat a song, so evaluation excludes the songs already in the
+    playlist (for the model and both baselines alike), as the Recommender does by default.
+    """
     config = Config(preset="demo")
-    config.data.seq_len = 16
+    config.data.seq_len = 32
     config.data.cloze_probability = 0.3
     config.model.d_song = 64
     config.model.d_album = 32
@@ -134,10 +143,12 @@ def _preset_demo() -> Config:
     config.model.n_layers = 2
     config.model.n_heads = 2
     config.model.dropout = 0.1
+    config.model.side_pointer = True
     config.train.batch_size = 64
-    config.train.epochs = 40
+    config.train.epochs = 12
     config.train.lr = 3e-3
     config.train.patience = 10
+    config.train.exclude_seen = True
     return config
 
 

@@ -153,8 +153,10 @@ def eval_tokens(eval_set: EvalSet, rows: np.ndarray, seq_len: int) -> torch.Tens
 class TrainBatches(torch.utils.data.Dataset):
     """Shuffled, cloze-masked training batches; batch i of epoch e is a function of (seed, e, i).
 
-    Each sample is a random window of up to ``seq_len`` songs of one training sequence; its
-    last song is always masked, each other song with probability ``cloze_probability``.
+    An epoch covers the data: a sequence of n songs gives ``ceil(n / seq_len)`` samples, each
+    a random window of up to ``seq_len`` of its songs; a window's last song is always masked,
+    each other song with probability ``cloze_probability``. ``order[i]`` is the sequence of
+    sample i of the current epoch.
     Works as a map-style dataset of whole batches (``DataLoader(batch_size=None)``), so
     DataLoader workers and resumed runs produce exactly the same batches.
     """
@@ -170,17 +172,20 @@ class TrainBatches(torch.utils.data.Dataset):
         self.cloze_probability = cloze_probability
         self.batch_size = batch_size
         self.seed = seed
-        self.order = np.arange(len(playlists))
+        windows = -(-playlists.lengths // seq_len)
+        self.samples = np.repeat(np.arange(len(playlists)), windows)
+        self.order = self.samples
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Shuffle for ``epoch``; call before iterating over that epoch's batches."""
         self.epoch = epoch
-        self.order = np.random.default_rng([self.seed, epoch]).permutation(len(self.playlists))
+        shuffle = np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
+        self.order = self.samples[shuffle]
 
     def __len__(self) -> int:
         """Batches per epoch (the last may be smaller)."""
-        return -(-len(self.playlists) // self.batch_size)
+        return -(-len(self.samples) // self.batch_size)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``index`` of the current epoch as (inputs, labels), both int64 (B, seq_len)."""

@@ -84,9 +84,11 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, targets):
-        """Loss from the logits, which are kept (shifted by their row maximum) for backward."""
+    def forward(ctx, x, weight, bias, targets, extra=None):
+        """Loss from the logits (plus ``extra`` logits), kept shifted by the row maximum."""
         shifted = torch.addmm(bias, x, weight.T)
+        if extra is not None:
+            shifted.add_(extra)
         shifted.sub_(shifted.amax(dim=1, keepdim=True))
         log_total = torch.cat([rows.exp().sum(dim=1) for rows in shifted.split(64)]).log_()
         target_logit = shifted.gather(1, targets[:, None]).squeeze(1)
@@ -104,7 +106,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_x = (probabilities @ weight) * scale
         grad_weight = probabilities.T @ (x * scale)
         grad_bias = probabilities.sum(dim=0) * scale
-        return grad_x, grad_weight, grad_bias, None
+        needs_extra = len(ctx.needs_input_grad) > 4 and ctx.needs_input_grad[4]
+        grad_extra = probabilities * scale if needs_extra else None
+        return grad_x, grad_weight, grad_bias, None, grad_extra
 
 
 def sinusoidal_table(length: int, width: int) -> torch.Tensor:
@@ -134,6 +138,8 @@ class BERT4Rec(nn.Module):
         d_model = config.d_model
         self.seq_len = seq_len
         self.n_song_tokens = n_song_tokens
+        self.n_album_tokens = n_album_tokens
+        self.n_artist_tokens = n_artist_tokens
         self.use_side = config.side_features and (
             n_features > 0 or n_album_tokens > 1 or n_artist_tokens > 1
         )
@@ -171,7 +177,14 @@ class BERT4Rec(nn.Module):
                 )
         else:
             self.head = nn.Linear(d_model, n_song_tokens)
+        self.side_pointer = config.side_pointer and self.use_side
+        if self.side_pointer:
+            self.pointer_query = nn.Linear(d_model, d_model)
+            self.pointer_key = nn.Linear(d_model, d_model)
+            self.pointer_gate = nn.Linear(d_model, 2)
         self.apply(self._init_weights)
+        if self.side_pointer:
+            nn.init.constant_(self.pointer_gate.bias, 5.0)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -189,6 +202,13 @@ class BERT4Rec(nn.Module):
         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
             with torch.no_grad():
                 module.weight[module.padding_idx].zero_()
+
+    def init_head_bias(self, popularity: torch.Tensor) -> None:
+        """Start the output bias at log(1 + training count), so step 0 ranks by popularity."""
+        bias = self.head_bias if self.tie_head else self.head.bias
+        with torch.no_grad():
+            counts = torch.as_tensor(popularity, dtype=torch.float32, device=bias.device)
+            bias.copy_(counts.log1p() - counts.log1p().mean())
 
     def set_side_tables(
         self, song_album: torch.Tensor, song_artist: torch.Tensor, song_features: torch.Tensor
@@ -257,20 +277,56 @@ class BERT4Rec(nn.Module):
         """
         return F.linear(*self.head_parts(hidden, vectors))
 
+    def pointer_logits(
+        self, hidden: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor,
+        predicted: torch.Tensor,
+    ) -> torch.Tensor:
+        """Copy scores (M, n_song_tokens) of the ``side_pointer`` head.
+
+        ``predicted`` (M, d_model) are hidden states at positions of sequences ``rows`` (M,);
+        each attends over its sequence's visible songs (not [PAD], not [MASK]), the attention
+        is summed per artist and per album, and every candidate song scores its artist's and
+        its album's share, each times a learned positive gate of the predicted position.
+        """
+        visible = tokens[rows] >= FIRST_SONG_INDEX
+        keys = self.pointer_key(hidden)[rows]
+        query = self.pointer_query(predicted)
+        attention = torch.einsum("md,mld->ml", query, keys) / math.sqrt(query.shape[1])
+        attention = attention.masked_fill(~visible, -1e9).softmax(dim=1) * visible
+        gates = F.softplus(self.pointer_gate(predicted))
+        scores = torch.zeros(len(rows), self.n_song_tokens, device=hidden.device)
+        groups = ((self.song_artist, self.n_artist_tokens), (self.song_album, self.n_album_tokens))
+        for gate, (song_group, n_groups) in zip(gates.T, groups, strict=True):
+            share = torch.zeros(len(rows), n_groups, device=hidden.device)
+            share = share.scatter_add(1, song_group[tokens[rows]], attention)
+            share = share.index_fill(1, torch.zeros(1, dtype=torch.long, device=share.device), 0.0)
+            scores = scores + gate[:, None] * share[:, song_group]
+        return scores
+
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy at the masked positions only; ``labels`` is 0 everywhere else."""
         masked = labels != PAD_INDEX
-        hidden = self.encode(tokens)[masked]
+        encoded = self.encode(tokens)
+        hidden = encoded[masked]
         targets = labels[masked]
+        extra = None
+        if self.side_pointer:
+            rows = masked.nonzero()[:, 0]
+            extra = self.pointer_logits(encoded, tokens, rows, hidden)
         if hidden.is_cuda:
-            return F.cross_entropy(self.logits(hidden).float(), targets)
+            logits = self.logits(hidden).float()
+            return F.cross_entropy(logits if extra is None else logits + extra, targets)
         x, weight, bias = self.head_parts(hidden)
-        return LinearCrossEntropy.apply(x, weight, bias, targets)
+        return LinearCrossEntropy.apply(x, weight, bias, targets, extra)
 
     def predict_last(
         self, tokens: torch.Tensor, vectors: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Scores (B, n_song_tokens) at the last position; [PAD] and [MASK] get -inf."""
-        scores = self.logits(self.encode(tokens)[:, -1], vectors).float()
+        encoded = self.encode(tokens)
+        scores = self.logits(encoded[:, -1], vectors).float()
+        if self.side_pointer:
+            rows = torch.arange(len(tokens), device=tokens.device)
+            scores = scores + self.pointer_logits(encoded, tokens, rows, encoded[:, -1]).float()
         scores[:, :FIRST_SONG_INDEX] = float("-inf")
         return scores

@@ -252,10 +252,15 @@ def build_model(config: Config, encoders: Encoders) -> BERT4Rec:
 
 
 def make_optimizer(model: BERT4Rec, config: Config) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on biases, norms or the position table)."""
+    """AdamW; weight decay on the transformer's and head's matrices only.
+
+    Biases, norms, the position table and the embeddings are not decayed: a rare song's
+    embedding row would shrink at every step but be updated only when the song appears.
+    """
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
-        (decay if parameter.dim() >= 2 and "position" not in name else no_decay).append(parameter)
+        matrix = parameter.dim() >= 2 and "position" not in name and "embedding" not in name
+        (decay if matrix else no_decay).append(parameter)
     groups = [{"params": decay, "weight_decay": config.train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.train.lr)
@@ -388,10 +393,15 @@ def train(
             torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
         state.update(checkpoint["progress"])
     popularity = torch.from_numpy(split.popularity(encoders.n_song_tokens))
+    metrics_path = run_dir / "metrics.jsonl"
+    if state["step"] == 0:
+        model.init_head_bias(popularity)
+        metrics_path.unlink(missing_ok=True)
+        for events in run_dir.glob("events.out.tfevents.*"):
+            events.unlink()
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False,
                                          num_workers=config.train.num_workers)
     writer = SummaryWriter(log_dir=str(run_dir))
-    metrics_path = run_dir / "metrics.jsonl"
     epochs_this_call = 0
     started = time.perf_counter()
     while not state["stopped"] and state["epoch"] < config.train.epochs:

@@ -82,7 +82,6 @@ def test_training_batches_mask_the_last_song_and_a_share_of_the_others() -> None
     playlists = Playlists(sequences.playlist_ids, sequences.offsets, sequences.songs)
     batches = TrainBatches(playlists, seq_len=16, cloze_probability=0.25, batch_size=64, seed=1)
     batches.set_epoch(0)
-    assert len(batches) == 5
     inputs, labels = batches[0]
     assert inputs.shape == labels.shape == (64, 16)
     masked = labels != PAD_INDEX
@@ -110,6 +109,18 @@ def test_training_windows_are_right_aligned_slices_of_their_playlist() -> None:
         starts = [i for i in range(len(songs) - len(window) + 1)
                   if np.array_equal(songs[i : i + len(window)], window)]
         assert starts
+
+
+def test_an_epoch_covers_every_sequence_once_per_seq_len_songs() -> None:
+    sequences = make_sequences(120)
+    playlists = Playlists(sequences.playlist_ids, sequences.offsets, sequences.songs)
+    batches = TrainBatches(playlists, seq_len=8, cloze_probability=0.3, batch_size=32, seed=0)
+    batches.set_epoch(1)
+    windows = np.bincount(batches.order, minlength=len(playlists))
+    assert np.array_equal(windows, -(-playlists.lengths // 8))
+    assert len(batches) == -(-windows.sum() // 32)
+    samples = sum(len(batches[index][0]) for index in range(len(batches)))
+    assert samples == windows.sum()
 
 
 def test_batches_are_a_function_of_seed_epoch_and_index() -> None:

@@ -82,17 +82,52 @@ def test_fused_loss_matches_cross_entropy_in_value_and_gradient() -> None:
     torch.testing.assert_close(fused, expected)
     for got, want in zip(fused_grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want)
+    extra = torch.randn(7, 11, dtype=torch.float64, requires_grad=True)
+    expected = F.cross_entropy(F.linear(x, weight, bias) + extra, targets)
+    expected_grads = torch.autograd.grad(expected, (x, weight, bias, extra))
+    fused = LinearCrossEntropy.apply(x, weight, bias, targets, extra)
+    fused_grads = torch.autograd.grad(fused, (x, weight, bias, extra))
+    torch.testing.assert_close(fused, expected)
+    for got, want in zip(fused_grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want)
 
 
-def test_model_loss_equals_cross_entropy_on_the_masked_positions() -> None:
-    model = tiny_model().eval()
+@pytest.mark.parametrize("side_pointer", [False, True])
+def test_model_loss_equals_cross_entropy_on_the_masked_positions(side_pointer: bool) -> None:
+    model = tiny_model(side_pointer=side_pointer).eval()
     tokens = random_tokens()
     labels = torch.where(torch.rand(tokens.shape) < 0.3, tokens, PAD_INDEX)
     labels[:, -1] = tokens[:, -1]
     inputs = torch.where(labels != PAD_INDEX, MASK_INDEX, tokens)
     masked = labels != PAD_INDEX
-    expected = F.cross_entropy(model.logits(model.encode(inputs)[masked]), labels[masked])
+    encoded = model.encode(inputs)
+    logits = model.logits(encoded[masked])
+    if side_pointer:
+        rows = masked.nonzero()[:, 0]
+        logits = logits + model.pointer_logits(encoded, inputs, rows, encoded[masked])
+    expected = F.cross_entropy(logits, labels[masked])
     torch.testing.assert_close(model.loss(inputs, labels), expected)
+    last = model.logits(encoded[:, -1])
+    if side_pointer:
+        last = last + model.pointer_logits(encoded, inputs, torch.arange(4), encoded[:, -1])
+    torch.testing.assert_close(model.predict_last(inputs)[:, FIRST_SONG_INDEX:],
+                               last[:, FIRST_SONG_INDEX:])
+
+
+def test_side_pointer_scores_the_visible_songs_artists_and_albums_only() -> None:
+    model = tiny_model(side_pointer=True).eval()
+    tokens = random_tokens(batch=1)
+    tokens[0, :3] = PAD_INDEX
+    tokens[0, -1] = MASK_INDEX
+    encoded = model.encode(tokens)
+    with torch.no_grad():
+        scores = model.pointer_logits(encoded, tokens, torch.zeros(1, dtype=torch.long),
+                                      encoded[:, -1])[0]
+    visible = tokens[0, 3:-1]
+    related = torch.isin(model.song_artist, model.song_artist[visible]) | torch.isin(
+        model.song_album, model.song_album[visible])
+    assert (scores[related & (model.song_artist > 0)] > 0).all()
+    assert (scores[~related] == 0).all()
 
 
 def test_mask_and_pad_rows_of_the_side_tables_are_zero() -> None:
@@ -144,8 +179,12 @@ def test_input_longer_than_seq_len_is_refused() -> None:
 @pytest.mark.parametrize("positional", ["learned", "sinusoidal"])
 @pytest.mark.parametrize("tie_head", [True, False])
 @pytest.mark.parametrize("side_features", [True, False])
-def test_every_variant_trains(positional: str, tie_head: bool, side_features: bool) -> None:
-    model = tiny_model(positional=positional, tie_head=tie_head, side_features=side_features)
+@pytest.mark.parametrize("side_pointer", [True, False])
+def test_every_variant_trains(
+    positional: str, tie_head: bool, side_features: bool, side_pointer: bool
+) -> None:
+    model = tiny_model(positional=positional, tie_head=tie_head, side_features=side_features,
+                       side_pointer=side_pointer)
     model.train()
     tokens = random_tokens(batch=16)
     labels = torch.zeros_like(tokens)
@@ -170,3 +209,13 @@ def test_cached_song_vectors_give_the_same_scores() -> None:
         vectors = model.song_vectors()
         torch.testing.assert_close(model.predict_last(tokens, vectors),
                                    model.predict_last(tokens))
+
+
+@pytest.mark.parametrize("tie_head", [True, False])
+def test_head_bias_starts_at_log_popularity(tie_head: bool) -> None:
+    model = tiny_model(tie_head=tie_head).eval()
+    popularity = torch.arange(N_SONGS, dtype=torch.long)
+    model.init_head_bias(popularity)
+    bias = model.head_bias if tie_head else model.head.bias
+    expected = popularity.float().log1p()
+    torch.testing.assert_close(bias - bias.mean(), expected - expected.mean())

@@ -118,6 +118,18 @@ def test_resume_gives_the_same_next_step_loss(data_dir: Path, tmp_path: Path) ->
     assert resumed == pytest.approx(expected, rel=1e-5)
 
 
+def test_a_fresh_run_starts_new_logs_in_a_used_run_dir(data_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "reused"
+    config = tiny_config(data_dir, run_dir, **{"train.epochs": 2})
+    train(config, progress=False)
+    first = step_losses(run_dir)
+    train(config, progress=False)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in records if record["type"] == "epoch"] == [1, 2]
+    assert step_losses(run_dir) == first
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+
+
 def test_same_seed_repeats_the_run(data_dir: Path, tmp_path: Path) -> None:
     for name in ("one", "two"):
         train(tiny_config(data_dir, tmp_path / name, **{"train.epochs": 1}), progress=False)
