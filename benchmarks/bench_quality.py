@@ -1,11 +1,12 @@
 """Demo-data quality: the model against the ids-only model and both baselines, same split.
 
     python benchmarks/bench_quality.py [--protocol playlist|leave_one_out] [--threads 2]
-                                       [--set section.key=value ...]
+                                       [--seed 42] [--set section.key=value ...]
 
 Builds build/demo with preprocessing.py when it is missing, trains the demo preset with side
 features and without (early stopping on validation), evaluates both on the test split and
-prints one JSON object as the last line.
+prints one JSON object as the last line. The seed sets the split, the masking and the init;
+exclusion of already-seen songs follows the preset (train.exclude_seen) for every row.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--protocol", choices=("playlist", "leave_one_out"), default="playlist")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--data", type=Path, default=REPO_ROOT / "build" / "demo")
     parser.add_argument("--runs", type=Path, default=REPO_ROOT / "runs" / "bench_quality")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
@@ -56,11 +58,11 @@ def main() -> None:
                        check=True)
     results = {}
     for name, extra in (("model", []), ("ids_only", ["model.side_features=false"])):
-        run_dir = args.runs / f"{args.protocol}_{name}"
+        run_dir = args.runs / f"{args.protocol}_{args.seed}_{name}"
         config = load_config("demo", overrides=[
             *args.overrides, *extra, f"data.split_protocol={args.protocol}",
             f"paths.data_dir={args.data}", f"paths.run_dir={run_dir}",
-            f"train.threads={args.threads}"])
+            f"train.threads={args.threads}", f"train.seed={args.seed}"])
         summary = train(config, progress=False)
         evaluation = evaluate_run(run_dir, args.data)
         results[name] = {key: evaluation["model"][key] for key in KEYS}
@@ -69,7 +71,9 @@ def main() -> None:
         for baseline in ("most_popular", "transition"):
             results[baseline] = {key: evaluation[baseline][key] for key in KEYS}
         results["test_sequences"] = evaluation["sequences"]
+        results["exclude_seen"] = evaluation["exclude_seen"]
     results["protocol"] = args.protocol
+    results["seed"] = args.seed
     better = max(results["most_popular"]["ndcg@10"], results["transition"]["ndcg@10"])
     results["model_over_best_baseline"] = results["model"]["ndcg@10"] / max(better, 1e-12)
     print(json.dumps(results))
