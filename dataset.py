@@ -18,21 +18,8 @@ from preprocessing_utils import Sequences
 
 
 @dataclass(frozen=True)
-class Playlists:
-    """Song-token sequences in CSR form, with the catalog playlist id of each."""
-
-    playlist_ids: np.ndarray
-    offsets: np.ndarray
-    songs: np.ndarray
-
-    def __len__(self) -> int:
-        """Number of sequences."""
-        return len(self.playlist_ids)
-
-    @property
-    def lengths(self) -> np.ndarray:
-        """Songs per sequence."""
-        return np.diff(self.offsets)
+class Playlists(Sequences):
+    """Training sequences in the training file's CSR layout, with slicing helpers."""
 
     def sequence(self, index: int) -> np.ndarray:
         """The songs of one sequence."""
