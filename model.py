@@ -43,16 +43,25 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
-        """Attend from every position to the non-padding positions; ``attend`` is (B, 1, 1, L)."""
-        batch, length, width = x.shape
+    def forward(
+        self, x: torch.Tensor, attend: torch.Tensor, last_only: bool = False
+    ) -> torch.Tensor:
+        """Attend from every position (or only the last) to the non-padding positions.
+
+        ``attend`` is (B, 1, 1, L); the result is (B, L, d_model), or (B, 1, d_model) with
+        ``last_only``, which inference uses since only the predicted position is read.
+        """
+        batch, width = x.shape[0], x.shape[2]
         q, k, v = self.qkv(x).split(width, dim=2)
-        shape = (batch, length, self.n_heads, width // self.n_heads)
-        q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
+        if last_only:
+            q = q[:, -1:]
+        head_width = width // self.n_heads
+        q, k, v = (t.reshape(batch, -1, self.n_heads, head_width).transpose(1, 2)
+                   for t in (q, k, v))
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attend, dropout_p=self.dropout if self.training else 0.0
         )
-        return self.out(y.transpose(1, 2).reshape(batch, length, width))
+        return self.out(y.transpose(1, 2).reshape(batch, q.shape[2], width))
 
 
 class Block(nn.Module):
@@ -68,9 +77,14 @@ class Block(nn.Module):
         )
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
-        """Apply the block to (B, L, d_model) hidden states."""
-        x = x + self.dropout(self.attention(self.attention_norm(x), attend))
+    def forward(
+        self, x: torch.Tensor, attend: torch.Tensor, last_only: bool = False
+    ) -> torch.Tensor:
+        """Apply the block to (B, L, d_model) hidden states; only the last one if ``last_only``."""
+        attended = self.attention(self.attention_norm(x), attend, last_only)
+        if last_only:
+            x = x[:, -1:]
+        x = x + self.dropout(attended)
         return x + self.dropout(self.feed_forward(self.feed_forward_norm(x)))
 
 
@@ -236,16 +250,21 @@ class BERT4Rec(nn.Module):
             x = x + self.feature_projection(self.song_features[tokens])
         return x
 
-    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Hidden states (B, L, d_model) of right-aligned token indices (B, L), L <= seq_len."""
+    def encode(self, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Hidden states (B, L, d_model) of right-aligned token indices (B, L), L <= seq_len.
+
+        ``last_only`` returns only the last position's state (B, 1, d_model): the final block
+        then runs its attention query, output and feed-forward for that position alone.
+        """
         length = tokens.shape[1]
         if length > self.seq_len:
             raise ValueError(f"input has {length} positions, the model takes {self.seq_len}")
         attend = (tokens != PAD_INDEX)[:, None, None, :]
         x = self.input_norm(self.embed(tokens)) + self.position_embedding[self.seq_len - length :]
         x = self.input_dropout(x)
-        for block in self.blocks:
-            x = block(x, attend)
+        last_block = len(self.blocks) - 1
+        for index, block in enumerate(self.blocks):
+            x = block(x, attend, last_only and index == last_block)
         return self.final_norm(x)
 
     def song_vectors(self) -> torch.Tensor:
@@ -323,7 +342,7 @@ class BERT4Rec(nn.Module):
         self, tokens: torch.Tensor, vectors: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Scores (B, n_song_tokens) at the last position; [PAD] and [MASK] get -inf."""
-        encoded = self.encode(tokens)
+        encoded = self.encode(tokens, last_only=not self.side_pointer)
         scores = self.logits(encoded[:, -1], vectors).float()
         if self.side_pointer:
             rows = torch.arange(len(tokens), device=tokens.device)

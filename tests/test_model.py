@@ -171,6 +171,24 @@ def test_batch_mates_do_not_change_a_sequence_output() -> None:
     torch.testing.assert_close(model.encode(batch)[:1], model.encode(alone))
 
 
+@pytest.mark.parametrize("side_pointer", [True, False])
+def test_prediction_reads_the_same_state_as_the_full_encoder(side_pointer: bool) -> None:
+    model = tiny_model(side_pointer=side_pointer).eval()
+    tokens = random_tokens()
+    tokens[1, :4] = PAD_INDEX
+    tokens[:, -1] = MASK_INDEX
+    with torch.no_grad():
+        last = model.encode(tokens, last_only=True)
+        full = model.encode(tokens)
+        torch.testing.assert_close(last, full[:, -1:])
+        expected = model.logits(full[:, -1]).float()
+        if side_pointer:
+            rows = torch.arange(len(tokens))
+            expected = expected + model.pointer_logits(full, tokens, rows, full[:, -1])
+        expected[:, :FIRST_SONG_INDEX] = float("-inf")
+        torch.testing.assert_close(model.predict_last(tokens), expected)
+
+
 def test_input_longer_than_seq_len_is_refused() -> None:
     with pytest.raises(ValueError, match="positions"):
         tiny_model().encode(random_tokens(length=SEQ_LEN + 1))
