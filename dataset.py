@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model import MASK_INDEX, PAD_INDEX
-from preprocessing_utils import Sequences
+from model import FIRST_SONG_INDEX, MASK_INDEX, PAD_INDEX
+from preprocessing_utils import FEATURE_NAMES, Encoders, Sequences
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,26 @@ class Playlists(Sequences):
         within = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lengths)
         songs = source.songs[np.repeat(starts, lengths) + within]
         return cls(np.asarray(playlist_ids, dtype=np.int64), offsets, songs)
+
+
+def album_successors(encoders: Encoders) -> np.ndarray:
+    """Each song token's next song in its album (disc, then track order), 0 for none.
+
+    The scaled disc and track columns are monotonic in the raw numbers, so sorting by them
+    gives the album order; [PAD], [MASK], songs without an album and last tracks get 0.
+    """
+    successors = np.zeros(encoders.n_song_tokens, dtype=np.int64)
+    if not encoders.has_side_info:
+        return successors
+    features = encoders.song_features
+    songs = np.arange(FIRST_SONG_INDEX, encoders.n_song_tokens)
+    albums = encoders.song_album[songs]
+    order = songs[np.lexsort((features[songs, FEATURE_NAMES.index("track_number")],
+                              features[songs, FEATURE_NAMES.index("disc_number")], albums))]
+    same_album = encoders.song_album[order[1:]] == encoders.song_album[order[:-1]]
+    same_album &= encoders.song_album[order[1:]] != 0
+    successors[order[:-1][same_album]] = order[1:][same_album]
+    return successors
 
 
 @dataclass(frozen=True)

@@ -195,7 +195,9 @@ class BERT4Rec(nn.Module):
         if self.side_pointer:
             self.pointer_query = nn.Linear(d_model, d_model)
             self.pointer_key = nn.Linear(d_model, d_model)
-            self.pointer_gate = nn.Linear(d_model, 2)
+            self.successor_query = nn.Linear(d_model, d_model)
+            self.pointer_gate = nn.Linear(d_model, 3)
+            self.register_buffer("song_successor", torch.zeros(n_song_tokens, dtype=torch.long))
         self.apply(self._init_weights)
         if self.side_pointer:
             nn.init.constant_(self.pointer_gate.bias, 5.0)
@@ -225,16 +227,26 @@ class BERT4Rec(nn.Module):
             bias.copy_(counts.log1p() - counts.log1p().mean())
 
     def set_side_tables(
-        self, song_album: torch.Tensor, song_artist: torch.Tensor, song_features: torch.Tensor
+        self, song_album: torch.Tensor, song_artist: torch.Tensor, song_features: torch.Tensor,
+        song_successor: torch.Tensor | None = None,
     ) -> None:
-        """Copy the per-song album, artist and feature tables in; rows [PAD] and [MASK] -> 0."""
+        """Copy the per-song album, artist, feature and successor tables in; [PAD], [MASK] -> 0.
+
+        ``song_successor``: each song's next song in its album's order, 0 for none (the
+        side pointer's successor channel; left at 0, the channel scores nothing).
+        """
         if not self.use_side:
             return
         with torch.no_grad():
             self.song_album.copy_(torch.as_tensor(song_album, dtype=torch.long))
             self.song_artist.copy_(torch.as_tensor(song_artist, dtype=torch.long))
             self.song_features.copy_(torch.as_tensor(song_features, dtype=torch.float32))
-            for table in (self.song_album, self.song_artist, self.song_features):
+            tables = [self.song_album, self.song_artist, self.song_features]
+            if self.side_pointer:
+                if song_successor is not None:
+                    self.song_successor.copy_(torch.as_tensor(song_successor, dtype=torch.long))
+                tables.append(self.song_successor)
+            for table in tables:
                 table[PAD_INDEX].zero_()
                 table[MASK_INDEX].zero_()
 
@@ -305,22 +317,34 @@ class BERT4Rec(nn.Module):
         ``predicted`` (M, d_model) are hidden states at positions of sequences ``rows`` (M,);
         each attends over its sequence's visible songs (not [PAD], not [MASK]), the attention
         is summed per artist and per album, and every candidate song scores its artist's and
-        its album's share, each times a learned positive gate of the predicted position.
+        its album's share, each times a learned positive gate of the predicted position. A
+        second attention over the same songs is summed onto each song's album successor (the
+        next track), times a third gate.
         """
         visible = tokens[rows] >= FIRST_SONG_INDEX
         keys = self.pointer_key(hidden)[rows]
-        query = self.pointer_query(predicted)
-        attention = torch.einsum("md,mld->ml", query, keys) / math.sqrt(query.shape[1])
-        attention = attention.masked_fill(~visible, -1e9).softmax(dim=1) * visible
+        songs = tokens[rows]
         gates = F.softplus(self.pointer_gate(predicted))
-        scores = torch.zeros(len(rows), self.n_song_tokens, device=hidden.device)
         groups = ((self.song_artist, self.n_artist_tokens), (self.song_album, self.n_album_tokens))
-        for gate, (song_group, n_groups) in zip(gates.T, groups, strict=True):
+        attention = self._pointer_attention(self.pointer_query(predicted), keys, visible)
+        parts = []
+        for gate, (song_group, n_groups) in zip(gates.T[:2], groups, strict=True):
             share = torch.zeros(len(rows), n_groups, device=hidden.device)
-            share = share.scatter_add(1, song_group[tokens[rows]], attention)
+            share = share.scatter_add(1, song_group[songs], attention)
             share = share.index_fill(1, torch.zeros(1, dtype=torch.long, device=share.device), 0.0)
-            scores = scores + gate[:, None] * share[:, song_group]
-        return scores
+            parts.append(gate[:, None] * share[:, song_group])
+        scores = parts[0] + parts[1]
+        successors = self.song_successor[songs]
+        attention = self._pointer_attention(self.successor_query(predicted), keys, visible)
+        return scores.scatter_add(1, successors, gates[:, 2:] * attention * (successors != 0))
+
+    @staticmethod
+    def _pointer_attention(
+        query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor
+    ) -> torch.Tensor:
+        """Softmax attention (M, L) of queries (M, d) over keys (M, L, d), zero where hidden."""
+        attention = torch.einsum("md,mld->ml", query, keys) / math.sqrt(query.shape[1])
+        return attention.masked_fill(~visible, -1e9).softmax(dim=1) * visible
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy at the masked positions only; ``labels`` is 0 everywhere else."""

@@ -35,7 +35,15 @@ from config import (
     add_config_arguments,
     config_from_args,
 )
-from dataset import EvalSet, Playlists, Split, TrainBatches, eval_tokens, split_sequences
+from dataset import (
+    EvalSet,
+    Playlists,
+    Split,
+    TrainBatches,
+    album_successors,
+    eval_tokens,
+    split_sequences,
+)
 from model import FIRST_SONG_INDEX, MASK_INDEX, PAD_INDEX, BERT4Rec
 from preprocessing_utils import DataError, Encoders, load_training_file
 
@@ -246,7 +254,7 @@ def build_model(config: Config, encoders: Encoders) -> BERT4Rec:
     )
     model.set_side_tables(
         torch.from_numpy(encoders.song_album), torch.from_numpy(encoders.song_artist),
-        torch.from_numpy(encoders.song_features),
+        torch.from_numpy(encoders.song_features), torch.from_numpy(album_successors(encoders)),
     )
     return model
 

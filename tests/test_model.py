@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from config import ModelConfig
+from dataset import album_successors
 from model import FIRST_SONG_INDEX, MASK_INDEX, PAD_INDEX, BERT4Rec, LinearCrossEntropy
+from preprocessing_utils import FEATURE_NAMES
 
 N_SONGS, N_ALBUMS, N_ARTISTS, N_FEATURES, SEQ_LEN = 40, 9, 5, 21, 8
 
@@ -128,6 +133,37 @@ def test_side_pointer_scores_the_visible_songs_artists_and_albums_only() -> None
         model.song_album, model.song_album[visible])
     assert (scores[related & (model.song_artist > 0)] > 0).all()
     assert (scores[~related] == 0).all()
+
+
+def test_album_successors_follow_disc_then_track_order() -> None:
+    features = np.zeros((9, len(FEATURE_NAMES)), dtype=np.float32)
+    disc, track = FEATURE_NAMES.index("disc_number"), FEATURE_NAMES.index("track_number")
+    # songs 2..8: album 1 holds 5 (d1 t1), 2 (d1 t2), 7 (d2 t1); album 2 holds 8, 3; 4, 6 none
+    features[[5, 2, 7, 8, 3], disc] = [0.0, 0.0, 1.0, 0.0, 0.0]
+    features[[5, 2, 7, 8, 3], track] = [-1.0, 0.5, -2.0, 0.1, 0.3]
+    encoders = SimpleNamespace(n_song_tokens=9, has_side_info=True, song_features=features,
+                               song_album=np.array([0, 0, 1, 2, 0, 1, 0, 1, 2]))
+    assert album_successors(encoders).tolist() == [0, 0, 7, 0, 0, 2, 0, 0, 3]
+
+
+def test_successor_channel_scores_next_tracks_of_visible_songs_only() -> None:
+    model = tiny_model(side_pointer=True).eval()
+    successor = torch.zeros(N_SONGS, dtype=torch.long)
+    successor[FIRST_SONG_INDEX:-1] = torch.arange(FIRST_SONG_INDEX + 1, N_SONGS)
+    model.set_side_tables(model.song_album, model.song_artist, model.song_features, successor)
+    assert model.song_successor[MASK_INDEX] == 0 and model.song_successor[PAD_INDEX] == 0
+    tokens = torch.tensor([[PAD_INDEX, 5, 10, MASK_INDEX, 20, 30, 25, MASK_INDEX]])
+    masked_songs = [15, 35]  # hidden behind the two [MASK] positions
+    encoded = model.encode(tokens)
+    rows = torch.zeros(2, dtype=torch.long)
+    predicted = encoded[0, [3, 7]]
+    with torch.no_grad():
+        with_successors = model.pointer_logits(encoded, tokens, rows, predicted)
+        model.song_successor.zero_()
+        without = model.pointer_logits(encoded, tokens, rows, predicted)
+    gained = (with_successors - without > 0).any(dim=0).nonzero().squeeze(1).tolist()
+    assert gained == [6, 11, 21, 26, 31]
+    assert all(song + 1 not in gained for song in masked_songs)
 
 
 def test_mask_and_pad_rows_of_the_side_tables_are_zero() -> None:
