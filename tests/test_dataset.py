@@ -10,13 +10,13 @@ from model import MASK_INDEX, PAD_INDEX
 from preprocessing_utils import Sequences
 
 
-def make_sequences(n_playlists: int = 50, seed: int = 0) -> Sequences:
+def make_sequences(n_playlists: int = 50, seed: int = 0) -> Playlists:
     """Playlists of 2..30 distinct-looking song tokens, ids 100, 101, ..."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(2, 31, n_playlists)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     songs = rng.integers(2, 500, offsets[-1]).astype(np.int64)
-    return Sequences(np.arange(100, 100 + n_playlists, dtype=np.int64), offsets, songs)
+    return Playlists(np.arange(100, 100 + n_playlists, dtype=np.int64), offsets, songs)
 
 
 def playlist_of(sequences: Sequences, playlist_id: int) -> np.ndarray:
@@ -78,8 +78,7 @@ def test_short_playlists_are_dropped_and_unknown_protocol_refused() -> None:
 
 
 def test_training_batches_mask_the_last_song_and_a_share_of_the_others() -> None:
-    sequences = make_sequences(300)
-    playlists = Playlists(sequences.playlist_ids, sequences.offsets, sequences.songs)
+    playlists = make_sequences(300)
     batches = TrainBatches(playlists, seq_len=16, cloze_probability=0.25, batch_size=64, seed=1)
     batches.set_epoch(0)
     inputs, labels = batches[0]
@@ -95,8 +94,7 @@ def test_training_batches_mask_the_last_song_and_a_share_of_the_others() -> None
 
 
 def test_training_windows_are_right_aligned_slices_of_their_playlist() -> None:
-    sequences = make_sequences(40)
-    playlists = Playlists(sequences.playlist_ids, sequences.offsets, sequences.songs)
+    playlists = make_sequences(40)
     batches = TrainBatches(playlists, seq_len=8, cloze_probability=0.3, batch_size=40, seed=2)
     batches.set_epoch(3)
     inputs, labels = batches[0]
@@ -112,8 +110,7 @@ def test_training_windows_are_right_aligned_slices_of_their_playlist() -> None:
 
 
 def test_an_epoch_covers_every_sequence_once_per_seq_len_songs() -> None:
-    sequences = make_sequences(120)
-    playlists = Playlists(sequences.playlist_ids, sequences.offsets, sequences.songs)
+    playlists = make_sequences(120)
     batches = TrainBatches(playlists, seq_len=8, cloze_probability=0.3, batch_size=32, seed=0)
     batches.set_epoch(1)
     windows = np.bincount(batches.order, minlength=len(playlists))
@@ -124,8 +121,7 @@ def test_an_epoch_covers_every_sequence_once_per_seq_len_songs() -> None:
 
 
 def test_batches_are_a_function_of_seed_epoch_and_index() -> None:
-    sequences = make_sequences(100)
-    playlists = Playlists(sequences.playlist_ids, sequences.offsets, sequences.songs)
+    playlists = make_sequences(100)
     first = TrainBatches(playlists, 8, 0.3, 16, seed=4)
     second = TrainBatches(playlists, 8, 0.3, 16, seed=4)
     first.set_epoch(2)
