@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import zipfile
@@ -65,6 +66,9 @@ AUDIO_FIELDS = (
     "tempo",
 )
 TIME_SIGNATURES = (3, 4, 5, 6, 7)
+# key (pitch class 0..11) on the circle, from libm per class so every CPU agrees; last: NULL
+KEY_SIN = np.array([math.sin(2 * math.pi * pitch / 12) for pitch in range(12)] + [0.0])
+KEY_COS = np.array([math.cos(2 * math.pi * pitch / 12) for pitch in range(12)] + [0.0])
 NUMERIC_COLUMNS = (*BINARY_FIELDS, *NUMBER_FIELDS, *AUDIO_FIELDS, "duration_ms_log1p")
 FEATURE_NAMES = (
     *NUMERIC_COLUMNS,
@@ -233,6 +237,17 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
         raise DataError(f"{path}: cannot read: {error}") from None
 
 
+def exact_mean_std(values: np.ndarray) -> tuple[float, float]:
+    """Mean and population standard deviation from correctly rounded sums (``math.fsum``).
+
+    NumPy's reductions round differently depending on the CPU's vector width, which changed
+    the fitted scale in the last bit between machines; these sums are the same everywhere,
+    so fitting the same data gives the same encoders and fingerprint on every CPU.
+    """
+    mean = math.fsum(values.tolist()) / len(values)
+    return mean, math.sqrt(math.fsum(((values - mean) ** 2).tolist()) / len(values))
+
+
 class Encoders:
     """Song/album/artist vocabularies and the per-song side tables, fitted once on the data."""
 
@@ -339,10 +354,9 @@ class Encoders:
             values = numeric[:, column]
             values = values[~np.isnan(values)]
             if len(values):
-                fill[column] = values.mean()
+                fill[column], spread = exact_mean_std(values)
             if column >= len(BINARY_FIELDS) and len(values):
                 center[column] = fill[column]
-                spread = values.std()
                 scale[column] = spread if spread > 0 else 1.0
         pad = np.zeros(FIRST_SONG_INDEX, dtype=np.int64)
         encoders = cls(vocab["song_id"].to_numpy(dtype=np.int64), album_ids, artist_ids,
@@ -360,9 +374,8 @@ class Encoders:
         numeric = np.where(np.isnan(numeric), self.numeric_fill, numeric)
         numeric = (numeric - self.numeric_center) / self.numeric_scale
         key = _raw_column(songs, "key")
-        angle = 2 * np.pi * key / 12
-        key_sin = np.where(np.isnan(key), 0.0, np.sin(angle))
-        key_cos = np.where(np.isnan(key), 0.0, np.cos(angle))
+        pitch_class = np.where(np.isnan(key), len(KEY_SIN) - 1, key).astype(np.int64)
+        key_sin, key_cos = KEY_SIN[pitch_class], KEY_COS[pitch_class]
         signature = _raw_column(songs, "time_signature")
         one_hot = signature[:, None] == np.asarray(TIME_SIGNATURES, dtype=np.float64)[None, :]
         features = np.column_stack([numeric, key_sin, key_cos, one_hot.astype(np.float64)])
