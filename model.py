@@ -44,11 +44,12 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
 
     def forward(
-        self, x: torch.Tensor, attend: torch.Tensor, last_only: bool = False
+        self, x: torch.Tensor, attend: torch.Tensor | None, last_only: bool = False
     ) -> torch.Tensor:
         """Attend from every position (or only the last) to the non-padding positions.
 
-        ``attend`` is (B, 1, 1, L); the result is (B, L, d_model), or (B, 1, d_model) with
+        ``attend`` is an additive mask (B, 1, 1, L), -inf at padding, or None when no input
+        has padding; the result is (B, L, d_model), or (B, 1, d_model) with
         ``last_only``, which inference uses since only the predicted position is read.
         """
         batch, width = x.shape[0], x.shape[2]
@@ -78,7 +79,7 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, attend: torch.Tensor, last_only: bool = False
+        self, x: torch.Tensor, attend: torch.Tensor | None, last_only: bool = False
     ) -> torch.Tensor:
         """Apply the block to (B, L, d_model) hidden states; only the last one if ``last_only``."""
         attended = self.attention(self.attention_norm(x), attend, last_only)
@@ -271,7 +272,11 @@ class BERT4Rec(nn.Module):
         length = tokens.shape[1]
         if length > self.seq_len:
             raise ValueError(f"input has {length} positions, the model takes {self.seq_len}")
-        attend = (tokens != PAD_INDEX)[:, None, None, :]
+        padding = tokens == PAD_INDEX
+        attend = None
+        if padding.any():
+            attend = torch.zeros(padding.shape, device=tokens.device).masked_fill_(
+                padding, float("-inf"))[:, None, None, :]
         x = self.input_norm(self.embed(tokens)) + self.position_embedding[self.seq_len - length :]
         x = self.input_dropout(x)
         last_block = len(self.blocks) - 1
@@ -292,21 +297,34 @@ class BERT4Rec(nn.Module):
                 vectors = vectors + self.features_to_song(self.song_features)
         return vectors
 
-    def head_parts(
-        self, hidden: torch.Tensor, vectors: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def head_parts(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The head as ``(x, weight, bias)`` with logits = x @ weight.T + bias."""
-        weight = self.song_vectors() if vectors is None else vectors
         if self.tie_head:
-            return self.head_transform(hidden), weight, self.head_bias
-        return hidden, weight, self.head.bias
+            return self.head_transform(hidden), self.song_vectors(), self.head_bias
+        return hidden, self.head.weight, self.head.bias
 
-    def logits(self, hidden: torch.Tensor, vectors: torch.Tensor | None = None) -> torch.Tensor:
+    def scoring_matrix(self) -> torch.Tensor:
+        """The head's matrix transposed, (width, n_song_tokens) and contiguous, for inference.
+
+        Computed once per set of weights and passed to ``logits``/``predict_last``: it saves
+        rebuilding the tied song vectors per call, and a row vector times this layout streams
+        the 116k-song matrix in order, several times faster on the CPU than ``x @ weight.T``.
+        """
+        with torch.no_grad():
+            return self.song_vectors().detach().T.contiguous()
+
+    def logits(self, hidden: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
         """Scores over every song token (..., n_song_tokens) for hidden states (..., d_model).
 
-        ``vectors``: the result of ``song_vectors()``, to reuse it across inference calls.
+        ``matrix``: the result of ``scoring_matrix()``, to reuse it across inference calls.
         """
-        return F.linear(*self.head_parts(hidden, vectors))
+        if matrix is None:
+            return F.linear(*self.head_parts(hidden))
+        x = self.head_transform(hidden) if self.tie_head else hidden
+        bias = self.head_bias if self.tie_head else self.head.bias
+        if x.dim() != 2:
+            return x @ matrix + bias
+        return torch.addmm(bias, x, matrix)
 
     def pointer_logits(
         self, hidden: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor,
@@ -363,11 +381,14 @@ class BERT4Rec(nn.Module):
         return LinearCrossEntropy.apply(x, weight, bias, targets, extra)
 
     def predict_last(
-        self, tokens: torch.Tensor, vectors: torch.Tensor | None = None
+        self, tokens: torch.Tensor, matrix: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Scores (B, n_song_tokens) at the last position; [PAD] and [MASK] get -inf."""
+        """Scores (B, n_song_tokens) at the last position; [PAD] and [MASK] get -inf.
+
+        ``matrix``: the result of ``scoring_matrix()``; without it the head is built anew.
+        """
         encoded = self.encode(tokens, last_only=not self.side_pointer)
-        scores = self.logits(encoded[:, -1], vectors).float()
+        scores = self.logits(encoded[:, -1], matrix).float()
         if self.side_pointer:
             rows = torch.arange(len(tokens), device=tokens.device)
             scores = scores + self.pointer_logits(encoded, tokens, rows, encoded[:, -1]).float()

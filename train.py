@@ -171,13 +171,12 @@ class Transition:
 def model_scorer(model: BERT4Rec, seq_len: int, device: torch.device) -> ScoreFunction:
     """Scores of the model at a [MASK] appended after each sequence's latest window."""
 
-    with torch.no_grad():
-        vectors = model.song_vectors()
+    matrix = model.scoring_matrix()
 
     def score(eval_set: EvalSet, rows: np.ndarray) -> torch.Tensor:
         tokens = eval_tokens(eval_set, rows, seq_len).to(device)
         with torch.no_grad(), autocast(device):
-            return model.predict_last(tokens, vectors).float().cpu()
+            return model.predict_last(tokens, matrix).float().cpu()
 
     return score
 
@@ -521,8 +520,7 @@ class Recommender:
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        with torch.no_grad():
-            self.song_vectors = self.model.song_vectors().detach()
+        self.scoring_matrix = self.model.scoring_matrix()
         self.encoders = encoders
         self.popularity = popularity.double().clone()
         self.popularity[:FIRST_SONG_INDEX] = -1.0
@@ -582,15 +580,16 @@ class Recommender:
         for row, tokens in enumerate(sequences):
             window = tokens[-(width - 1) :]
             batch[row, width - 1 - len(window) : width - 1] = torch.from_numpy(window)
-        scores = self.model.predict_last(batch.to(self.device), self.song_vectors)
+        scores = self.model.predict_last(batch.to(self.device), self.scoring_matrix)
         if exclude_seen:
             for row, tokens in enumerate(sequences):
-                scores[row, torch.from_numpy(tokens).to(self.device)] = float("-inf")
-        top = torch.log_softmax(scores, dim=1).topk(min(k, self.n_songs), dim=1)
-        for values, indices in zip(top.values.cpu(), top.indices.cpu(), strict=True):
-            keep = torch.isfinite(values)
-            yield (self.encoders.decode_songs(indices[keep].numpy()).tolist(),
-                   values[keep].exp().tolist())
+                scores[row].index_fill_(0, torch.from_numpy(tokens).to(self.device), float("-inf"))
+        top = scores.topk(min(k, self.n_songs), dim=1)
+        probabilities = (top.values - scores.logsumexp(dim=1, keepdim=True)).exp().cpu()
+        finite = torch.isfinite(top.values).cpu()
+        for values, indices, keep in zip(probabilities, top.indices.cpu(), finite, strict=True):
+            songs = self.encoders.decode_songs(indices[keep].numpy())
+            yield songs.tolist(), values[keep].tolist()
 
     def _most_popular(self, k: int, unknown: list[int]) -> Recommendation:
         """The fallback for a playlist with no known song: the most frequent songs."""

@@ -256,12 +256,13 @@ def test_every_variant_trains(
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_cached_song_vectors_give_the_same_scores() -> None:
-    model = tiny_model().eval()
+@pytest.mark.parametrize("tie_head", [True, False])
+def test_cached_scoring_matrix_gives_the_same_scores(tie_head: bool) -> None:
+    model = tiny_model(tie_head=tie_head).eval()
     tokens = random_tokens()
     with torch.no_grad():
-        vectors = model.song_vectors()
-        torch.testing.assert_close(model.predict_last(tokens, vectors),
+        matrix = model.scoring_matrix()
+        torch.testing.assert_close(model.predict_last(tokens, matrix),
                                    model.predict_last(tokens))
 
 

@@ -11,9 +11,16 @@ import torch
 
 import train as train_module
 from config import Config, load_config
-from model import FIRST_SONG_INDEX
+from model import FIRST_SONG_INDEX, MASK_INDEX, PAD_INDEX
 from preprocessing_utils import NUMERIC_COLUMNS, Encoders, save_training_file
-from train import CheckpointError, Recommender, load_checkpoint, run_evaluate, train
+from train import (
+    CheckpointError,
+    Recommender,
+    build_model,
+    load_checkpoint,
+    run_evaluate,
+    train,
+)
 
 N_SONGS = 30
 SONG_IDS = np.arange(5000, 5000 + 7 * N_SONGS, 7, dtype=np.int64)
@@ -190,6 +197,33 @@ def test_recommender_reports_unknown_ids_and_falls_back_to_popular(trained: Path
     assert results[0].scores == pytest.approx(single.scores, rel=1e-5)
     with pytest.raises(ValueError):
         recommender.recommend([known], k=0)
+
+
+@pytest.mark.parametrize("side_pointer", [False, True])
+def test_recommendations_are_the_models_exhaustive_ranking(
+    data_dir: Path, tmp_path: Path, side_pointer: bool
+) -> None:
+    """The fast path (no padding, last position only, cached head) ranks like the full pass."""
+    config = tiny_config(data_dir, tmp_path, **{"model.side_pointer": side_pointer})
+    encoders = make_encoders()
+    torch.manual_seed(3)
+    model = build_model(config, encoders).eval()
+    recommender = Recommender(model, encoders, torch.ones(encoders.n_song_tokens), "test")
+    playlist = [int(song) for song in SONG_IDS[[4, 9, 2, 17, 5]]]
+    result = recommender.recommend([playlist], k=8)[0]
+    tokens = torch.from_numpy(encoders.encode_songs(playlist))
+    inputs = torch.full((1, config.data.seq_len), PAD_INDEX, dtype=torch.long)
+    inputs[0, -len(tokens) - 1 : -1] = tokens
+    inputs[0, -1] = MASK_INDEX
+    with torch.no_grad():
+        if side_pointer:
+            scores = model.predict_last(inputs)[0]
+        else:
+            scores = model.logits(model.encode(inputs)[0, -1])
+    scores[tokens] = float("-inf")
+    expected = torch.softmax(scores[FIRST_SONG_INDEX:], dim=0).topk(8)
+    assert result.song_ids == SONG_IDS[expected.indices.numpy()].tolist()
+    assert result.scores == pytest.approx(expected.values.tolist(), rel=1e-4)
 
 
 def test_batched_recommendations_equal_single_ones(trained: Path) -> None:
