@@ -31,6 +31,8 @@ from config import ModelConfig
 PAD_INDEX = 0
 MASK_INDEX = 1
 FIRST_SONG_INDEX = 2
+# logits per block of the fused loss (1 MB of float32, so a block stays in a core's L2 cache)
+BLOCK_LOGITS = 1 << 18
 
 
 class SelfAttention(nn.Module):
@@ -92,38 +94,66 @@ class Block(nn.Module):
 class LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``x @ weight.T + bias`` against ``targets``, fused for the CPU.
 
-    Same value and gradients as ``F.cross_entropy`` on the logits, computed as
-    ``logsumexp - target logit``; the backward pass turns the saved logits into
-    probabilities in place instead of building a one-hot tensor and a log-softmax gradient,
-    which with 116k songs is most of the step's memory traffic. Single backward only.
+    Same value and gradients as ``F.cross_entropy`` on the logits, but the (rows x 116k)
+    logits never exist whole: the forward pass keeps a running log-sum-exp per row over
+    chunks of ``chunk`` songs (by default about ``BLOCK_LOGITS`` logits per chunk), and the
+    backward pass recomputes each chunk's logits and turns them into the softmax gradient
+    while the chunk is still in cache. One extra matrix product buys the removal of every
+    pass over a tensor that does not fit any cache, which
+    on a CPU costs more than the arithmetic. Single backward only.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, targets, extra=None):
-        """Loss from the logits (plus ``extra`` logits), kept shifted by the row maximum."""
-        shifted = torch.addmm(bias, x, weight.T)
+    def forward(ctx, x, weight, bias, targets, extra=None, chunk=None):
+        """Loss from the chunked log-sum-exp and the target logits (plus ``extra`` logits)."""
+        chunk = chunk or max(256, BLOCK_LOGITS // max(1, len(targets)))
+        log_total = torch.full((len(targets),), float("-inf"), dtype=x.dtype, device=x.device)
+        for start in range(0, len(weight), chunk):
+            logits = _chunk_logits(x, weight, bias, extra, start, chunk)
+            log_total = torch.logaddexp(log_total, logits.logsumexp(dim=1))
+        target_logit = torch.einsum("md,md->m", x, weight[targets]) + bias[targets]
         if extra is not None:
-            shifted.add_(extra)
-        shifted.sub_(shifted.amax(dim=1, keepdim=True))
-        log_total = torch.cat([rows.exp().sum(dim=1) for rows in shifted.split(64)]).log_()
-        target_logit = shifted.gather(1, targets[:, None]).squeeze(1)
-        ctx.save_for_backward(x, weight, shifted, log_total, targets)
+            target_logit = target_logit + extra.gather(1, targets[:, None]).squeeze(1)
+        ctx.chunk = chunk
+        ctx.save_for_backward(x, weight, bias, extra, log_total, targets)
         return (log_total - target_logit).mean()
 
     @staticmethod
     def backward(ctx, grad):
-        """Gradients from softmax minus one-hot, scaled by grad / n."""
-        x, weight, shifted, log_total, targets = ctx.saved_tensors
-        probabilities = shifted.sub_(log_total[:, None]).exp_()
-        rows = torch.arange(len(targets), device=targets.device)
-        probabilities[rows, targets] -= 1.0
+        """Gradients from softmax minus one-hot, scaled by grad / n, one chunk at a time."""
+        x, weight, bias, extra, log_total, targets = ctx.saved_tensors
         scale = grad / len(targets)
-        grad_x = (probabilities @ weight) * scale
-        grad_weight = probabilities.T @ (x * scale)
-        grad_bias = probabilities.sum(dim=0) * scale
-        needs_extra = len(ctx.needs_input_grad) > 4 and ctx.needs_input_grad[4]
-        grad_extra = probabilities * scale if needs_extra else None
-        return grad_x, grad_weight, grad_bias, None, grad_extra
+        grad_x = torch.zeros_like(x)
+        grad_weight = torch.empty_like(weight)
+        grad_bias = torch.empty_like(bias)
+        needs_extra = extra is not None and ctx.needs_input_grad[4]
+        grad_extra = torch.empty_like(extra) if needs_extra else None
+        rows = torch.arange(len(targets), device=targets.device)
+        for start in range(0, len(weight), ctx.chunk):
+            logits = _chunk_logits(x, weight, bias, extra, start, ctx.chunk)
+            probabilities = logits.sub_(log_total[:, None]).exp_()
+            hit = (targets >= start) & (targets < start + ctx.chunk)
+            probabilities[rows[hit], targets[hit] - start] -= 1.0
+            probabilities.mul_(scale)
+            stop = start + len(probabilities[0])
+            grad_x.addmm_(probabilities, weight[start:stop])
+            torch.mm(probabilities.T, x, out=grad_weight[start:stop])
+            torch.sum(probabilities, dim=0, out=grad_bias[start:stop])
+            if grad_extra is not None:
+                grad_extra[:, start:stop] = probabilities
+        return grad_x, grad_weight, grad_bias, None, grad_extra, None
+
+
+def _chunk_logits(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, extra: torch.Tensor | None,
+    start: int, chunk: int,
+) -> torch.Tensor:
+    """Logits of songs ``start .. start + chunk`` (rows x chunk), plus ``extra`` if given."""
+    stop = start + chunk
+    logits = torch.addmm(bias[start:stop], x, weight[start:stop].T)
+    if extra is not None:
+        logits.add_(extra[:, start:stop])
+    return logits
 
 
 def sinusoidal_table(length: int, width: int) -> torch.Tensor:
@@ -290,11 +320,12 @@ class BERT4Rec(nn.Module):
             return self.head.weight
         vectors = self.song_embedding.weight
         if self.use_side:
-            albums = self.album_to_song(self.album_embedding.weight)[self.song_album]
-            artists = self.artist_to_song(self.artist_embedding.weight)[self.song_artist]
+            albums = F.embedding(self.song_album, self.album_to_song(self.album_embedding.weight))
+            artists = F.embedding(self.song_artist,
+                                  self.artist_to_song(self.artist_embedding.weight))
             vectors = vectors + albums + artists
             if self.features_to_song is not None:
-                vectors = vectors + self.features_to_song(self.song_features)
+                vectors = torch.addmm(vectors, self.song_features, self.features_to_song.weight.T)
         return vectors
 
     def head_parts(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

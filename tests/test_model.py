@@ -74,7 +74,8 @@ def test_data_without_side_information_uses_song_ids_only() -> None:
     assert model.encode(random_tokens()).shape == (4, SEQ_LEN, 32)
 
 
-def test_fused_loss_matches_cross_entropy_in_value_and_gradient() -> None:
+@pytest.mark.parametrize("chunk", [4, 11, 4096])
+def test_fused_loss_matches_cross_entropy_in_value_and_gradient(chunk: int) -> None:
     torch.manual_seed(0)
     x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
@@ -82,7 +83,7 @@ def test_fused_loss_matches_cross_entropy_in_value_and_gradient() -> None:
     targets = torch.tensor([0, 3, 10, 2, 2, 7, 5])
     expected = F.cross_entropy(F.linear(x, weight, bias), targets)
     expected_grads = torch.autograd.grad(expected, (x, weight, bias))
-    fused = LinearCrossEntropy.apply(x, weight, bias, targets)
+    fused = LinearCrossEntropy.apply(x, weight, bias, targets, None, chunk)
     fused_grads = torch.autograd.grad(fused, (x, weight, bias))
     torch.testing.assert_close(fused, expected)
     for got, want in zip(fused_grads, expected_grads, strict=True):
@@ -90,7 +91,7 @@ def test_fused_loss_matches_cross_entropy_in_value_and_gradient() -> None:
     extra = torch.randn(7, 11, dtype=torch.float64, requires_grad=True)
     expected = F.cross_entropy(F.linear(x, weight, bias) + extra, targets)
     expected_grads = torch.autograd.grad(expected, (x, weight, bias, extra))
-    fused = LinearCrossEntropy.apply(x, weight, bias, targets, extra)
+    fused = LinearCrossEntropy.apply(x, weight, bias, targets, extra, chunk)
     fused_grads = torch.autograd.grad(fused, (x, weight, bias, extra))
     torch.testing.assert_close(fused, expected)
     for got, want in zip(fused_grads, expected_grads, strict=True):
