@@ -73,7 +73,7 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation, evaluation and run bookkeeping."""
 
-    batch_size: int = 64
+    batch_size: int = 128
     eval_batch_size: int = 512
     epochs: int = 50
     lr: float = 1e-3
