@@ -381,7 +381,7 @@ class BERT4Rec(nn.Module):
             share = torch.zeros(len(rows), n_groups, device=hidden.device)
             share = share.scatter_add(1, song_group[songs], attention)
             share = share.index_fill(1, torch.zeros(1, dtype=torch.long, device=share.device), 0.0)
-            parts.append(gate[:, None] * share[:, song_group])
+            parts.append(torch.index_select(gate[:, None] * share, 1, song_group))
         scores = parts[0] + parts[1]
         successors = self.song_successor[songs]
         attention = self._pointer_attention(self.successor_query(predicted), keys, visible)
