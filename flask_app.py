@@ -63,6 +63,7 @@ BIGINT_MAX = 2**63 - 1
 MAX_K = 100
 DATABASE_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
 PUBLIC_ENDPOINTS = frozenset({"api.health", "api.ready", "api.openapi"})
+CATALOG_RETRY_SECONDS = 30.0
 
 T = TypeVar("T")
 
@@ -742,39 +743,86 @@ def _merge(total: dict[str, int], part: dict[str, int]) -> None:
 
 
 class RecommendationService:
-    """Model, catalog names, database pool and queue workers of one service process."""
+    """Model, catalog names, database pool and queue workers of one service process.
+
+    The model and the catalog names load on first need (a request, /ready, the queue workers'
+    start or a CLI command that scores), once per process, so that commands which only touch
+    the database (``init-db``, ``load-demo``) neither pay for them nor log about them.
+    """
 
     def __init__(self, settings: Settings, recommender: Recommender | None = None) -> None:
-        """Load the model (unless given) and the catalog names once, at startup."""
+        """Remember the settings and a given recommender; load nothing yet."""
         self.settings = settings
         self.database = Database(settings.database_url, settings.pool_size,
                                  settings.db_connect_timeout)
-        self.recommender = recommender
+        self.recommender: Recommender | None = None
         self.model_error: str | None = None
-        if recommender is None:
-            self._load_model()
-        if self.recommender is not None:
-            MODEL_INFO.labels(self.recommender.model_version).set(1)
+        self.workers: QueueWorkers | None = None
         self.catalog: dict[int, tuple[str | None, str | None, str | None]] = {}
         self._catalog_attempted = 0.0
-        self._load_catalog()
-        self.workers = (QueueWorkers(settings, self.database, self.recommender)
-                        if self.recommender is not None else None)
+        self._catalog_tried = False
+        self._model_lock = threading.Lock()
+        self._catalog_lock = threading.Lock()
+        self._model_tried = False
+        if recommender is not None:
+            self._serve(recommender)
+            self._model_tried = True
 
-    def _load_model(self) -> None:
+    def load(self) -> None:
+        """Load the model and the catalog names now unless done before, so no request waits."""
+        self._ensure_model()
+        self._ensure_catalog()
+
+    def _ensure_model(self) -> None:
+        """Load the checkpoint on first need, once; other threads wait for that one load."""
+        if self._model_tried:
+            return
+        with self._model_lock:
+            if self._model_tried:
+                return
+            recommender = self._load_model()
+            if recommender is not None:
+                self._serve(recommender)
+            self._model_tried = True
+
+    def _serve(self, recommender: Recommender) -> None:
+        """Serve ``recommender``: set the version gauge and build the queue workers on it."""
+        MODEL_INFO.labels(recommender.model_version).set(1)
+        self.workers = QueueWorkers(self.settings, self.database, recommender)
+        self.recommender = recommender
+
+    def _load_model(self) -> Recommender | None:
         """Load the checkpoint at MODEL_PATH (weights_only, through the Recommender)."""
         path = self.settings.model_path
         if not path.is_file():
             self.model_error = f"model not loaded: no checkpoint at MODEL_PATH ({path})"
             log.warning(self.model_error)
-            return
+            return None
         try:
             from train import Recommender
 
-            self.recommender = Recommender.from_checkpoint(path)
+            return Recommender.from_checkpoint(path)
         except Exception as error:
             self.model_error = f"model not loaded: {_first_line(error)}"
             log.exception("loading %s failed", path)
+            return None
+
+    def _ensure_catalog(self, retry_after: float | None = None) -> None:
+        """Load the names on first need; retry an empty database read ``retry_after`` s old."""
+        if not self._catalog_due(retry_after):
+            return
+        with self._catalog_lock:
+            if self._catalog_due(retry_after):
+                self._load_catalog()
+                self._catalog_tried = True
+
+    def _catalog_due(self, retry_after: float | None) -> bool:
+        """True until the first load ended, or when an empty database read may be retried."""
+        if not self._catalog_tried:
+            return True
+        return (retry_after is not None and not self.catalog
+                and self.settings.catalog_dir is None
+                and time.monotonic() - self._catalog_attempted > retry_after)
 
     def _load_catalog(self) -> None:
         """Cache song, artist and album names from CATALOG_DIR, else from the database."""
@@ -798,23 +846,25 @@ class RecommendationService:
         log.info("cached names of %d songs", len(self.catalog))
 
     def require_model(self) -> Recommender:
-        """The loaded recommender, or ModelUnavailable with the reason."""
+        """The recommender (loaded on first need), or ModelUnavailable with the reason."""
+        self._ensure_model()
         if self.recommender is None:
             raise ModelUnavailable(self.model_error or "model not loaded")
         return self.recommender
 
     def readiness(self) -> str | None:
-        """None when ready to serve both paths, else the reason."""
+        """None when ready to serve both paths, else the reason; loads what is not loaded."""
+        self._ensure_model()
         if self.recommender is None:
             return self.model_error or "model not loaded"
         reason = self.database.check()
-        if reason is None and not self.catalog and self.settings.catalog_dir is None \
-                and time.monotonic() - self._catalog_attempted > 30:
-            self._load_catalog()
+        if reason is None:
+            self._ensure_catalog(retry_after=CATALOG_RETRY_SECONDS)
         return reason
 
     def names(self, song_id: int) -> dict[str, str | None]:
         """Song, artist and album names of a catalog song (None when unknown)."""
+        self._ensure_catalog()
         song, artist, album = self.catalog.get(song_id, (None, None, None))
         return {"song": song, "artist": artist, "album": album}
 
@@ -881,7 +931,8 @@ class RecommendationService:
             QUEUE_DEPTH.labels(status).set(depth.get(status, 0))
 
     def start_workers(self) -> None:
-        """Start this process's queue workers (no-op without a model)."""
+        """Load the model and names, then start this process's workers (none without a model)."""
+        self.load()
         if self.workers is None:
             log.warning("queue workers not started: %s", self.model_error)
             return
@@ -1386,7 +1437,7 @@ def score_all_command(k: int, batch_size: int, include_seen: bool) -> None:
 
 
 def create_app(settings: Settings | None = None, recommender: Recommender | None = None) -> Flask:
-    """Build the Flask app; queue workers start via gunicorn.conf.py or ``flask worker``."""
+    """Build the Flask app without loading the model; workers start in gunicorn or the CLI."""
     settings = settings or Settings.from_env()
     if settings.torch_threads:
         import torch

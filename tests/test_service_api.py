@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import select
 import threading
 import time
@@ -333,6 +334,22 @@ def test_unknown_playlist_fails_once_with_reason(make_app, demo_dsn: str) -> Non
     assert client.get("/playlists/987654321/recommendations").status_code == 404
 
 
+def test_workers_load_the_model_before_claiming_jobs(make_app, demo_dsn: str) -> None:
+    app = make_app(model=None)
+    service = app.extensions[EXTENSION]
+    playlist_id = demo_playlist_ids(demo_dsn, 1)[0]
+    client = app.test_client()
+    job_id = client.post("/recommend", json={"playlist_id": playlist_id}).json["job_id"]
+    assert service.recommender is None, "enqueueing needs no model"
+    service.start_workers()
+    job = wait_until(lambda: (lambda j: j if j["status"] == "done" else None)(
+        client.get(f"/jobs/{job_id}").json), timeout=30, message="job done")
+    assert job["attempts"] == 1
+    stored = client.get(f"/playlists/{playlist_id}/recommendations").json
+    assert stored["model_version"] == service.recommender.model_version
+    assert all(item["song"] for item in stored["recommendations"])
+
+
 # -- queue semantics ----------------------------------------------------------------------------
 
 
@@ -496,6 +513,76 @@ def test_cli_init_db_twice_and_score_all(app, demo_dsn: str) -> None:
                                "max(rank) FROM recommendations")[0]
     playlists = execute(demo_dsn, "SELECT count(*) FROM playlists")[0][0]
     assert counts == (playlists, 5 * playlists, 5)
+
+
+def test_cli_database_commands_load_no_model_and_first_request_does(
+        pg_dsn: str, checkpoint: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from train import Recommender
+
+    loads: list[Path] = []
+    load = Recommender.from_checkpoint
+
+    def counted_load(path: Path) -> Recommender:
+        loads.append(path)
+        time.sleep(0.2)
+        return load(path)
+
+    monkeypatch.setattr(Recommender, "from_checkpoint", staticmethod(counted_load))
+    caplog.set_level(logging.INFO, logger="bert4musicrec.service")
+    app = create_app(settings_for(pg_dsn, checkpoint))
+    try:
+        runner = app.test_cli_runner()
+        for command in ("init-db", "load-demo"):
+            result = runner.invoke(args=[command])
+            assert result.exit_code == 0, result.output
+        assert loads == []
+        assert "catalog names not loaded" not in caplog.text
+        assert "cached names" not in caplog.text
+        songs = playlist_songs(pg_dsn, demo_playlist_ids(pg_dsn, 1)[0])
+        answers: list[tuple[int, dict]] = []
+        start = threading.Barrier(8)
+
+        def ask() -> None:
+            client = app.test_client()
+            start.wait()
+            response = client.post("/recommendations", json={"song_ids": songs, "k": 5})
+            answers.append((response.status_code, response.json))
+
+        threads = [threading.Thread(target=ask) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert [status for status, _ in answers] == [200] * 8
+        assert all(body == answers[0][1] for _, body in answers)
+        assert all(item["song"] for item in answers[0][1]["recommendations"]), \
+            "names of the songs loaded after the app was created are served"
+        assert loads == [checkpoint]
+        assert caplog.text.count("cached names of") == 1
+    finally:
+        app.extensions[EXTENSION].database.close()
+
+
+def test_cli_init_db_on_fresh_database_warns_about_nothing(
+        pg_dsn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    missing = tmp_path / "missing.pt"
+    app = create_app(settings_for(pg_dsn, missing))
+    try:
+        runner = app.test_cli_runner()
+        with caplog.at_level(logging.INFO, logger="bert4musicrec.service"):
+            result = runner.invoke(args=["init-db"])
+        assert result.exit_code == 0, result.output
+        assert [record.getMessage() for record in caplog.records
+                if record.levelno >= logging.WARNING] == []
+        result = runner.invoke(args=["score-all"])
+        assert result.exit_code == 1
+        assert f"no checkpoint at MODEL_PATH ({missing})" in result.output
+        ready = app.test_client().get("/ready")
+        assert ready.status_code == 503
+        assert "no checkpoint at MODEL_PATH" in ready.json["error"]
+    finally:
+        app.extensions[EXTENSION].database.close()
 
 
 # -- fuzzing from the OpenAPI document -----------------------------------------------------------
