@@ -21,7 +21,6 @@ and sound, and the inference matrix-vector product is only ``d_song`` wide. With
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -92,114 +91,68 @@ class Block(nn.Module):
         return x + self.dropout(self.feed_forward(self.feed_forward_norm(x)))
 
 
-class HeadTables(NamedTuple):
-    """What the output head's song vectors are built from; the side parts may be None.
-
-    A song's vector is its ``songs`` row plus, with side information, its album's and
-    artist's rows and its features times ``features_weight.T``.
-    """
-
-    songs: torch.Tensor
-    albums: torch.Tensor | None = None
-    artists: torch.Tensor | None = None
-    features_weight: torch.Tensor | None = None
-    song_album: torch.Tensor | None = None
-    song_artist: torch.Tensor | None = None
-    song_features: torch.Tensor | None = None
-
-
-def song_vectors_of(tables: HeadTables, index: slice | torch.Tensor) -> torch.Tensor:
-    """The head vectors (len(index), width) of the songs at ``index`` (a slice or indices)."""
-    vectors = tables.songs[index]
-    if tables.albums is not None:
-        vectors = (vectors + tables.albums.index_select(0, tables.song_album[index])
-                   + tables.artists.index_select(0, tables.song_artist[index]))
-    if tables.features_weight is not None:
-        vectors = torch.addmm(vectors, tables.song_features[index], tables.features_weight.T)
-    return vectors
-
-
 class LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of ``x @ vectors.T + bias`` against ``targets``, fused for the CPU.
+    """Mean cross-entropy of ``x @ weight.T + bias`` against ``targets``, fused for the CPU.
 
-    Same value and gradients as ``F.cross_entropy`` on the logits, but neither the
-    (rows x 116k) logits nor the (116k x width) song vectors ever exist whole: the forward
-    pass builds the vectors and logits of ``chunk`` songs at a time (about ``BLOCK_LOGITS``
-    logits) and keeps a running log-sum-exp per row; the backward pass rebuilds each chunk
-    and turns it into the softmax gradient while it is still in cache, sending the vectors'
-    gradient on to the song, album and artist tables and the feature map. One extra matrix
-    product buys the removal of every pass over a tensor that fits no cache, which on a CPU
-    costs more than the arithmetic. Arguments: ``x``, the seven ``HeadTables`` fields in
-    order, ``bias``, ``targets``, ``extra`` logits or None, ``chunk`` or None. Single backward.
+    Same value and gradients as ``F.cross_entropy`` on the logits, but the (rows x 116k)
+    logits never exist whole: the forward pass keeps a running log-sum-exp per row over
+    chunks of ``chunk`` songs (by default about ``BLOCK_LOGITS`` logits per chunk), and the
+    backward pass recomputes each chunk's logits and turns them into the softmax gradient
+    while the chunk is still in cache. One extra matrix product buys the removal of every
+    pass over a tensor that does not fit any cache, which
+    on a CPU costs more than the arithmetic. Single backward only.
     """
 
     @staticmethod
-    def forward(ctx, x, *inputs):
+    def forward(ctx, x, weight, bias, targets, extra=None, chunk=None):
         """Loss from the chunked log-sum-exp and the target logits (plus ``extra`` logits)."""
-        tables = HeadTables(*inputs[:7])
-        bias, targets, extra, chunk = inputs[7:]
-        n_songs = len(tables.songs)
         chunk = chunk or max(256, BLOCK_LOGITS // max(1, len(targets)))
         log_total = torch.full((len(targets),), float("-inf"), dtype=x.dtype, device=x.device)
-        for start in range(0, n_songs, chunk):
-            logits = _chunk_logits(x, tables, bias, extra, slice(start, start + chunk))
+        for start in range(0, len(weight), chunk):
+            logits = _chunk_logits(x, weight, bias, extra, start, chunk)
             log_total = torch.logaddexp(log_total, logits.logsumexp(dim=1))
-        target_vectors = song_vectors_of(tables, targets)
-        target_logit = torch.einsum("md,md->m", x, target_vectors) + bias[targets]
+        target_logit = torch.einsum("md,md->m", x, weight[targets]) + bias[targets]
         if extra is not None:
             target_logit = target_logit + extra.gather(1, targets[:, None]).squeeze(1)
         ctx.chunk = chunk
-        ctx.save_for_backward(x, *tables, bias, extra, log_total, targets)
+        ctx.save_for_backward(x, weight, bias, extra, log_total, targets)
         return (log_total - target_logit).mean()
 
     @staticmethod
     def backward(ctx, grad):
         """Gradients from softmax minus one-hot, scaled by grad / n, one chunk at a time."""
-        x, *saved = ctx.saved_tensors
-        tables = HeadTables(*saved[:7])
-        bias, extra, log_total, targets = saved[7:]
+        x, weight, bias, extra, log_total, targets = ctx.saved_tensors
         scale = grad / len(targets)
         grad_x = torch.zeros_like(x)
-        grad_songs = torch.empty_like(tables.songs)
+        grad_weight = torch.empty_like(weight)
         grad_bias = torch.empty_like(bias)
-        grad_albums, grad_artists, grad_features_weight = (
-            None if table is None else torch.zeros_like(table)
-            for table in (tables.albums, tables.artists, tables.features_weight))
-        needs_extra = extra is not None and ctx.needs_input_grad[10]
+        needs_extra = extra is not None and ctx.needs_input_grad[4]
         grad_extra = torch.empty_like(extra) if needs_extra else None
         rows = torch.arange(len(targets), device=targets.device)
-        for start in range(0, len(tables.songs), ctx.chunk):
-            songs = slice(start, start + ctx.chunk)
-            vectors = song_vectors_of(tables, songs)
-            logits = _chunk_logits(x, tables, bias, extra, songs, vectors)
+        for start in range(0, len(weight), ctx.chunk):
+            logits = _chunk_logits(x, weight, bias, extra, start, ctx.chunk)
             probabilities = logits.sub_(log_total[:, None]).exp_()
             hit = (targets >= start) & (targets < start + ctx.chunk)
             probabilities[rows[hit], targets[hit] - start] -= 1.0
             probabilities.mul_(scale)
-            grad_x.addmm_(probabilities, vectors)
-            grad_vectors = torch.mm(probabilities.T, x, out=grad_songs[songs])
-            torch.sum(probabilities, dim=0, out=grad_bias[songs])
-            if grad_albums is not None:
-                grad_albums.index_add_(0, tables.song_album[songs], grad_vectors)
-                grad_artists.index_add_(0, tables.song_artist[songs], grad_vectors)
-            if grad_features_weight is not None:
-                grad_features_weight.addmm_(grad_vectors.T, tables.song_features[songs])
+            stop = start + len(probabilities[0])
+            grad_x.addmm_(probabilities, weight[start:stop])
+            torch.mm(probabilities.T, x, out=grad_weight[start:stop])
+            torch.sum(probabilities, dim=0, out=grad_bias[start:stop])
             if grad_extra is not None:
-                grad_extra[:, songs] = probabilities
-        return (grad_x, grad_songs, grad_albums, grad_artists, grad_features_weight,
-                None, None, None, grad_bias, None, grad_extra, None)
+                grad_extra[:, start:stop] = probabilities
+        return grad_x, grad_weight, grad_bias, None, grad_extra, None
 
 
 def _chunk_logits(
-    x: torch.Tensor, tables: HeadTables, bias: torch.Tensor, extra: torch.Tensor | None,
-    songs: slice, vectors: torch.Tensor | None = None,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, extra: torch.Tensor | None,
+    start: int, chunk: int,
 ) -> torch.Tensor:
-    """Logits (rows x chunk) of the songs in ``songs``, plus ``extra`` if given."""
-    if vectors is None:
-        vectors = song_vectors_of(tables, songs)
-    logits = torch.addmm(bias[songs], x, vectors.T)
+    """Logits of songs ``start .. start + chunk`` (rows x chunk), plus ``extra`` if given."""
+    stop = start + chunk
+    logits = torch.addmm(bias[start:stop], x, weight[start:stop].T)
     if extra is not None:
-        logits.add_(extra[:, songs])
+        logits.add_(extra[:, start:stop])
     return logits
 
 
@@ -361,23 +314,19 @@ class BERT4Rec(nn.Module):
             x = block(x, attend, last_only and index == last_block)
         return self.final_norm(x)
 
-    def head_tables(self) -> HeadTables:
-        """The tied head's song vectors as their parts (albums and artists already mapped)."""
-        if not self.use_side:
-            return HeadTables(self.song_embedding.weight)
-        features = self.features_to_song
-        return HeadTables(
-            self.song_embedding.weight, self.album_to_song(self.album_embedding.weight),
-            self.artist_to_song(self.artist_embedding.weight),
-            None if features is None else features.weight, self.song_album, self.song_artist,
-            None if features is None else self.song_features,
-        )
-
     def song_vectors(self) -> torch.Tensor:
         """The head's matrix (n_song_tokens, width); recompute after every weight update."""
         if not self.tie_head:
             return self.head.weight
-        return song_vectors_of(self.head_tables(), slice(None))
+        vectors = self.song_embedding.weight
+        if self.use_side:
+            albums = F.embedding(self.song_album, self.album_to_song(self.album_embedding.weight))
+            artists = F.embedding(self.song_artist,
+                                  self.artist_to_song(self.artist_embedding.weight))
+            vectors = vectors + albums + artists
+            if self.features_to_song is not None:
+                vectors = torch.addmm(vectors, self.song_features, self.features_to_song.weight.T)
+        return vectors
 
     def head_parts(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The head as ``(x, weight, bias)`` with logits = x @ weight.T + bias."""
@@ -459,11 +408,8 @@ class BERT4Rec(nn.Module):
         if hidden.is_cuda:
             logits = self.logits(hidden).float()
             return F.cross_entropy(logits if extra is None else logits + extra, targets)
-        if self.tie_head:
-            tables, x, bias = self.head_tables(), self.head_transform(hidden), self.head_bias
-        else:
-            tables, x, bias = HeadTables(self.head.weight), hidden, self.head.bias
-        return LinearCrossEntropy.apply(x, *tables, bias, targets, extra, None)
+        x, weight, bias = self.head_parts(hidden)
+        return LinearCrossEntropy.apply(x, weight, bias, targets, extra)
 
     def predict_last(
         self, tokens: torch.Tensor, matrix: torch.Tensor | None = None
