@@ -99,8 +99,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     chunks of ``chunk`` songs (by default about ``BLOCK_LOGITS`` logits per chunk), and the
     backward pass recomputes each chunk's logits and turns them into the softmax gradient
     while the chunk is still in cache. One extra matrix product buys the removal of every
-    pass over a tensor that does not fit any cache, which
-    on a CPU costs more than the arithmetic. Single backward only.
+    pass over a tensor that fits no cache, which on a CPU costs more than the arithmetic.
+    Single backward only.
     """
 
     @staticmethod
