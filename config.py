@@ -145,7 +145,7 @@ def _preset_demo() -> Config:
     config.model.dropout = 0.1
     config.model.side_pointer = True
     config.train.batch_size = 64
-    config.train.epochs = 12
+    config.train.epochs = 10
     config.train.lr = 3e-3
     config.train.patience = 10
     config.train.exclude_seen = True
