@@ -74,7 +74,7 @@ class TrainConfig:
     """Optimisation, evaluation and run bookkeeping."""
 
     batch_size: int = 128
-    eval_batch_size: int = 512
+    eval_batch_size: int = 128
     epochs: int = 50
     lr: float = 1e-3
     weight_decay: float = 0.01
