@@ -50,8 +50,8 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         """Attend from every position (or only the last) to the non-padding positions.
 
-        ``attend`` is an additive mask (B, 1, 1, L), -inf at padding, or None when no input
-        has padding; the result is (B, L, d_model), or (B, 1, d_model) with
+        ``attend`` is (B, 1, 1, L), True where a position may be attended, or None when no
+        input has padding; the result is (B, L, d_model), or (B, 1, d_model) with
         ``last_only``, which inference uses since only the predicted position is read.
         """
         batch, width = x.shape[0], x.shape[2]
@@ -250,9 +250,14 @@ class BERT4Rec(nn.Module):
             with torch.no_grad():
                 module.weight[module.padding_idx].zero_()
 
+    @property
+    def output_bias(self) -> nn.Parameter:
+        """The output head's per-song bias, tied head or not."""
+        return self.head_bias if self.tie_head else self.head.bias
+
     def init_head_bias(self, popularity: torch.Tensor) -> None:
         """Start the output bias at log(1 + training count), so step 0 ranks by popularity."""
-        bias = self.head_bias if self.tie_head else self.head.bias
+        bias = self.output_bias
         with torch.no_grad():
             counts = torch.as_tensor(popularity, dtype=torch.float32, device=bias.device)
             bias.copy_(counts.log1p() - counts.log1p().mean())
@@ -303,10 +308,7 @@ class BERT4Rec(nn.Module):
         if length > self.seq_len:
             raise ValueError(f"input has {length} positions, the model takes {self.seq_len}")
         padding = tokens == PAD_INDEX
-        attend = None
-        if padding.any():
-            attend = torch.zeros(padding.shape, device=tokens.device).masked_fill_(
-                padding, float("-inf"))[:, None, None, :]
+        attend = (~padding)[:, None, None, :] if padding.any() else None
         x = self.input_norm(self.embed(tokens)) + self.position_embedding[self.seq_len - length :]
         x = self.input_dropout(x)
         last_block = len(self.blocks) - 1
@@ -328,11 +330,13 @@ class BERT4Rec(nn.Module):
                 vectors = torch.addmm(vectors, self.song_features, self.features_to_song.weight.T)
         return vectors
 
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the head multiplies with the song vectors: transformed when the head is tied."""
+        return self.head_transform(hidden) if self.tie_head else hidden
+
     def head_parts(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The head as ``(x, weight, bias)`` with logits = x @ weight.T + bias."""
-        if self.tie_head:
-            return self.head_transform(hidden), self.song_vectors(), self.head_bias
-        return hidden, self.head.weight, self.head.bias
+        return self.head_input(hidden), self.song_vectors(), self.output_bias
 
     def scoring_matrix(self) -> torch.Tensor:
         """The head's matrix transposed, (width, n_song_tokens) and contiguous, for inference.
@@ -351,11 +355,10 @@ class BERT4Rec(nn.Module):
         """
         if matrix is None:
             return F.linear(*self.head_parts(hidden))
-        x = self.head_transform(hidden) if self.tie_head else hidden
-        bias = self.head_bias if self.tie_head else self.head.bias
+        x = self.head_input(hidden)
         if x.dim() != 2:
-            return x @ matrix + bias
-        return torch.addmm(bias, x, matrix)
+            return x @ matrix + self.output_bias
+        return torch.addmm(self.output_bias, x, matrix)
 
     def pointer_logits(
         self, hidden: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor,
