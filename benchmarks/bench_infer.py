@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import load_config
 from model import FIRST_SONG_INDEX, MASK_INDEX, PAD_INDEX, BERT4Rec
 from preprocessing_utils import NUMERIC_COLUMNS, Encoders
-from train import Recommender
+from train import Recommender, build_model
 
 BLOCK = 25
 WARMUP = 5
@@ -97,16 +97,8 @@ def main() -> None:
         np.concatenate([special, rng.integers(1, args.artists + 1, args.songs)]),
         features, np.zeros(numeric), np.zeros(numeric), np.ones(numeric), True,
     )
-    config = load_config(args.preset)
-    models = []
-    for tie_head in (config.model.tie_head, False):
-        config.model.tie_head = tie_head
-        model = BERT4Rec(config.model, tokens, encoders.n_album_tokens, encoders.n_artist_tokens,
-                         encoders.n_features, config.data.seq_len)
-        model.set_side_tables(torch.from_numpy(encoders.song_album),
-                              torch.from_numpy(encoders.song_artist),
-                              torch.from_numpy(encoders.song_features))
-        models.append(model.eval())
+    models = [build_model(load_config(args.preset, overrides=overrides), encoders).eval()
+              for overrides in ([], ["model.tie_head=false"])]
     recommender = Recommender(models[0], encoders, torch.ones(tokens), "bench")
     playlists = [encoders.song_ids[rng.integers(0, args.songs, rng.integers(5, 61))].tolist()
                  for _ in range(args.calls * BLOCK // (BLOCK - WARMUP))]
