@@ -512,6 +512,32 @@ class Recommendation:
     unknown_song_ids: list[int]
 
 
+TOP_K_BLOCK = 128
+
+
+def top_k(
+    scores: torch.Tensor, k: int, block: int = TOP_K_BLOCK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scores.topk(k, dim=1)`` as (values, indices), several times faster for a small k.
+
+    The k best of a row lie in the k blocks of ``block`` columns with the highest maxima (a
+    block outside them has k others whose maxima are at least its own, so k better scores),
+    so the sort runs over k * block candidates instead of all 116k songs.
+    """
+    rows, width = scores.shape
+    whole = width // block * block
+    if k * block * 4 > whole:
+        top = scores.topk(k, dim=1)
+        return top.values, top.indices
+    blocks = scores[:, :whole].view(rows, whole // block, block)
+    best = blocks.amax(dim=2).topk(k, dim=1).indices
+    picked = blocks.gather(1, best[:, :, None].expand(-1, -1, block)).reshape(rows, k * block)
+    values, positions = torch.cat([picked, scores[:, whole:]], dim=1).topk(k, dim=1)
+    in_block = positions < k * block
+    columns = best.gather(1, (positions // block).clamp(max=k - 1)) * block + positions % block
+    return values, torch.where(in_block, columns, positions - k * block + whole)
+
+
 class Recommender:
     """Catalog song ids in, top-k catalog song ids out; used by the CLI, notebook and service."""
 
@@ -585,12 +611,13 @@ class Recommender:
         if exclude_seen:
             for row, tokens in enumerate(sequences):
                 scores[row].index_fill_(0, torch.from_numpy(tokens).to(self.device), float("-inf"))
-        top = scores.topk(min(k, self.n_songs), dim=1)
-        probabilities = (top.values - scores.logsumexp(dim=1, keepdim=True)).exp().cpu()
-        finite = torch.isfinite(top.values).cpu()
-        for values, indices, keep in zip(probabilities, top.indices.cpu(), finite, strict=True):
-            songs = self.encoders.decode_songs(indices[keep].numpy())
-            yield songs.tolist(), values[keep].tolist()
+        values, indices = top_k(scores, min(k, self.n_songs))
+        probabilities = torch.softmax(scores, dim=1).gather(1, indices).cpu().numpy()
+        finite = torch.isfinite(values).cpu().numpy()
+        indices = indices.cpu().numpy()
+        for row, keep in enumerate(finite):
+            songs = self.encoders.decode_songs(indices[row][keep])
+            yield songs.tolist(), probabilities[row][keep].tolist()
 
     def _most_popular(self, k: int, unknown: list[int]) -> Recommendation:
         """The fallback for a playlist with no known song: the most frequent songs."""

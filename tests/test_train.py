@@ -19,6 +19,7 @@ from train import (
     build_model,
     load_checkpoint,
     run_evaluate,
+    top_k,
     train,
 )
 
@@ -224,6 +225,21 @@ def test_recommendations_are_the_models_exhaustive_ranking(
     expected = torch.softmax(scores[FIRST_SONG_INDEX:], dim=0).topk(8)
     assert result.song_ids == SONG_IDS[expected.indices.numpy()].tolist()
     assert result.scores == pytest.approx(expected.values.tolist(), rel=1e-4)
+
+
+@pytest.mark.parametrize(("rows", "width", "k"), [(1, 116_295, 10), (3, 20_000, 25),
+                                                   (2, 1_000, 1), (2, 300, 100)])
+def test_top_k_equals_a_full_sort(rows: int, width: int, k: int) -> None:
+    """The block shortcut finds what topk finds, also in the ragged last block and past -inf."""
+    generator = torch.Generator().manual_seed(width)
+    scores = torch.randn(rows, width, generator=generator)
+    scores[:, torch.randperm(width, generator=generator)[: width // 3]] = float("-inf")
+    scores[0, -1] = 10.0
+    scores[-1, :width // 2] = float("-inf")
+    values, indices = top_k(scores, k)
+    expected = scores.topk(k, dim=1)
+    assert torch.equal(values, expected.values)
+    assert torch.equal(indices, expected.indices)
 
 
 def test_batched_recommendations_equal_single_ones(trained: Path) -> None:
