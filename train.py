@@ -530,13 +530,12 @@ def top_k(
     if k * block * 4 > whole:
         top = scores.topk(k, dim=1)
         return top.values, top.indices
-    blocks = scores[:, :whole].view(rows, whole // block, block)
-    best = blocks.amax(dim=2).topk(k, dim=1).indices
-    picked = blocks.gather(1, best[:, :, None].expand(-1, -1, block)).reshape(rows, k * block)
-    values, positions = torch.cat([picked, scores[:, whole:]], dim=1).topk(k, dim=1)
-    in_block = positions < k * block
-    columns = best.gather(1, (positions // block).clamp(max=k - 1)) * block + positions % block
-    return values, torch.where(in_block, columns, positions - k * block + whole)
+    best = scores[:, :whole].view(rows, -1, block).amax(dim=2).topk(k, dim=1).indices
+    within = torch.arange(block, device=scores.device)
+    columns = torch.cat([(best[:, :, None] * block + within).reshape(rows, k * block),
+                         torch.arange(whole, width, device=scores.device).expand(rows, -1)], dim=1)
+    values, picked = scores.gather(1, columns).topk(k, dim=1)
+    return values, columns.gather(1, picked)
 
 
 class Recommender:
