@@ -188,12 +188,21 @@ def _raw_column(songs: pd.DataFrame, field: str) -> np.ndarray:
     return values.astype(np.float32).astype(np.float64)
 
 
+def libm_log1p(values: np.ndarray) -> np.ndarray:
+    """log1p of each value through the C library (NaN stays NaN), the same on every CPU.
+
+    NumPy's vectorized log1p takes a different code path with AVX-512 than with AVX2 and
+    differs in the last bit, which changed the fitted features and the encoders' fingerprint.
+    """
+    return np.array([math.log1p(value) for value in values.tolist()], dtype=np.float64)
+
+
 def _numeric_matrix(songs: pd.DataFrame) -> np.ndarray:
     """The 14 ``NUMERIC_COLUMNS`` before imputation and scaling, shape (n, 14), NaN = NULL."""
     columns = [_raw_column(songs, field) for field in (*BINARY_FIELDS, *AUDIO_FIELDS)]
     binary, audio = columns[: len(BINARY_FIELDS)], columns[len(BINARY_FIELDS):]
-    numbers = [np.log1p(_raw_column(songs, field)) for field in NUMBER_FIELDS]
-    duration = np.log1p(_raw_column(songs, "duration_ms"))
+    numbers = [libm_log1p(_raw_column(songs, field)) for field in NUMBER_FIELDS]
+    duration = libm_log1p(_raw_column(songs, "duration_ms"))
     return np.column_stack([*binary, *numbers, *audio, duration])
 
 

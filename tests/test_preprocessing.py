@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -292,6 +293,18 @@ def test_demo_data_gives_identical_files_from_postgres_and_csv(
         tmp_path / "pg" / "training.npz").read_bytes()
     assert csv["playlists"] == 3000
     assert csv["dropped_rows"] == {}
+
+
+def test_fitting_does_not_depend_on_numpys_vector_instructions(tmp_path: Path) -> None:
+    """The same fit with NumPy's AVX-512 code paths switched off (a no-op on CPUs without)."""
+    command = [sys.executable, "preprocessing.py", "--source", "csv", "--data",
+               str(DEMO_DATA_DIR), "--refit-encoders", str(tmp_path / "encoders"),
+               "--out", str(tmp_path / "out")]
+    environment = {**os.environ, "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR"}
+    output = subprocess.run(command, cwd=REPO_ROOT, env=environment, check=True,
+                            capture_output=True, text=True).stdout
+    summary = json.loads(output.strip().splitlines()[-1])
+    assert summary["encoders_fingerprint"] == Encoders.load(DEMO_ENCODERS_DIR).fingerprint
 
 
 def test_committed_encoders_equal_a_fresh_fit_on_the_demo_data(tmp_path: Path) -> None:
