@@ -1431,6 +1431,34 @@ def score_all_command(k: int, batch_size: int, include_seen: bool) -> None:
     click.echo("Stored recommendations for every playlist.")
 
 
+@click.command("prune-jobs")
+@with_appcontext
+@click.option("--older-than", "days", type=click.FloatRange(min=0), default=7.0,
+              show_default=True, help="Delete jobs that ended more than this many days ago.")
+@click.option("--batch-size", type=click.IntRange(1, 100_000), default=10_000,
+              show_default=True, help="Jobs deleted per transaction.")
+def prune_jobs_command(days: float, batch_size: int) -> None:
+    """Delete done and failed jobs that ended long ago; open jobs and results stay."""
+    database = service().database
+
+    def prune(cursor: Any) -> int:
+        cursor.execute(sql_text("jobs_prune"), {"older_than_seconds": days * 86_400,
+                                                "limit": batch_size})
+        return cursor.rowcount
+
+    deleted = 0
+    while True:
+        try:
+            batch = database.run(prune)
+        except DatabaseUnavailable as error:
+            raise click.ClickException(f"{error} (deleted {deleted} jobs before that; "
+                                       "run the command again to go on)") from None
+        deleted += batch
+        if batch < batch_size:
+            break
+    click.echo(f"Deleted {deleted} jobs that ended more than {days:g} days ago.")
+
+
 # ---------------------------------------------------------------------------------------------
 # Application factory
 # ---------------------------------------------------------------------------------------------
@@ -1457,6 +1485,7 @@ def create_app(settings: Settings | None = None, recommender: Recommender | None
     app.register_error_handler(ModelUnavailable, _unavailable)
     app.register_error_handler(psycopg2.Error, _database_error)
     app.register_error_handler(Exception, _unexpected)
-    for command in (init_db_command, load_demo_command, worker_command, score_all_command):
+    for command in (init_db_command, load_demo_command, worker_command, score_all_command,
+                    prune_jobs_command):
         app.cli.add_command(command)
     return app

@@ -87,3 +87,5 @@ CREATE UNIQUE INDEX IF NOT EXISTS recommendation_jobs_one_active_idx
     ON recommendation_jobs (playlist_id) WHERE status IN ('queued', 'running');
 CREATE INDEX IF NOT EXISTS recommendation_jobs_status_run_after_idx
     ON recommendation_jobs (status, run_after);
+CREATE INDEX IF NOT EXISTS recommendation_jobs_finished_at_idx
+    ON recommendation_jobs (finished_at) WHERE status IN ('done', 'failed');

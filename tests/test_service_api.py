@@ -515,6 +515,48 @@ def test_cli_init_db_twice_and_score_all(app, demo_dsn: str) -> None:
     assert counts == (playlists, 5 * playlists, 5)
 
 
+def test_cli_prune_jobs_deletes_only_jobs_that_ended_long_ago(app, demo_dsn: str) -> None:
+    first, second, third = demo_playlist_ids(demo_dsn, 3)
+    jobs = {  # (playlist, status, days since it ended); every job was created 30 days ago
+        "done long ago": (first, "done", 10), "failed long ago": (first, "failed", 8),
+        "done lately": (second, "done", 1), "failed lately": (second, "failed", 3),
+        "done long ago too": (second, "done", 9),
+        "queued": (third, "queued", None), "running": (first, "running", None)}
+    ids = {name: execute(
+        demo_dsn, "INSERT INTO recommendation_jobs (playlist_id, k, status, created_at, "
+                  "finished_at) VALUES (%s, 10, %s, now() - interval '30 days', "
+                  "now() - make_interval(days => %s)) RETURNING job_id",
+        (playlist, status, days))[0][0] for name, (playlist, status, days) in jobs.items()}
+    execute(demo_dsn, "INSERT INTO recommendations (playlist_id, rank, song_id, score, "
+                      "model_version) SELECT %s, 1, song_id, 0.5, 'm' FROM songs LIMIT 1",
+            (first,))
+    runner, client = app.test_cli_runner(), app.test_client()
+
+    result = runner.invoke(args=["prune-jobs", "--older-than", "7", "--batch-size", "2"])
+
+    assert result.exit_code == 0, result.output
+    assert "Deleted 3 jobs that ended more than 7 days ago." in result.output
+    kept = {name for name, job_id in ids.items()
+            if client.get(f"/jobs/{job_id}").status_code == 200}
+    assert kept == {"done lately", "failed lately", "queued", "running"}
+    assert client.get(f"/jobs/{ids['done long ago']}").status_code == 404
+    assert client.get(f"/playlists/{first}/recommendations").status_code == 200
+    result = runner.invoke(args=["prune-jobs", "--older-than", "0"])
+    assert "Deleted 2 jobs" in result.output
+    assert sorted(row[0] for row in job_rows(demo_dsn).values()) == ["queued", "running"]
+
+
+def test_cli_prune_jobs_rejects_a_negative_age_and_says_when_the_database_is_gone(
+        make_app, demo_dsn: str) -> None:
+    result = make_app().test_cli_runner().invoke(args=["prune-jobs", "--older-than", "-1"])
+    assert result.exit_code == 2
+    assert "--older-than" in result.output
+    dead = psycopg2.extensions.make_dsn(demo_dsn, port=free_port())
+    result = make_app(dsn=dead).test_cli_runner().invoke(args=["prune-jobs"])
+    assert result.exit_code == 1
+    assert "deleted 0 jobs before that; run the command again" in result.output
+
+
 def test_cli_database_commands_load_no_model_and_first_request_does(
         pg_dsn: str, checkpoint: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
