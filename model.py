@@ -356,9 +356,8 @@ class BERT4Rec(nn.Module):
         if matrix is None:
             return F.linear(*self.head_parts(hidden))
         x = self.head_input(hidden)
-        if x.dim() != 2:
-            return x @ matrix + self.output_bias
-        return torch.addmm(self.output_bias, x, matrix)
+        scores = torch.addmm(self.output_bias, x.reshape(-1, x.shape[-1]), matrix)
+        return scores.view(*x.shape[:-1], -1)
 
     def pointer_logits(
         self, hidden: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor,
