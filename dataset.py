@@ -13,17 +13,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model import FIRST_SONG_INDEX, MASK_INDEX, PAD_INDEX
-from preprocessing_utils import FEATURE_NAMES, Encoders, Sequences
+from preprocessing_utils import (
+    FEATURE_NAMES,
+    FIRST_SONG_INDEX,
+    MASK_INDEX,
+    PAD_INDEX,
+    Encoders,
+    Sequences,
+)
 
 
 @dataclass(frozen=True)
 class Playlists(Sequences):
     """Training sequences in the training file's CSR layout, with slicing helpers."""
-
-    def sequence(self, index: int) -> np.ndarray:
-        """The songs of one sequence."""
-        return self.songs[self.offsets[index] : self.offsets[index + 1]]
 
     @classmethod
     def from_parts(

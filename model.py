@@ -21,16 +21,15 @@ and sound, and the inference matrix-vector product is only ``d_song`` wide. With
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from config import ModelConfig
+from preprocessing_utils import FIRST_SONG_INDEX, MASK_INDEX, PAD_INDEX
 
-PAD_INDEX = 0
-MASK_INDEX = 1
-FIRST_SONG_INDEX = 2
 # logits per block of the fused loss (1 MB of float32, so a block stays in a core's L2 cache)
 BLOCK_LOGITS = 1 << 18
 
@@ -104,7 +103,10 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, targets, extra=None, chunk=None):
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+        targets: torch.Tensor, extra: torch.Tensor | None = None, chunk: int | None = None,
+    ) -> torch.Tensor:
         """Loss from the chunked log-sum-exp and the target logits (plus ``extra`` logits)."""
         chunk = chunk or max(256, BLOCK_LOGITS // max(1, len(targets)))
         log_total = torch.full((len(targets),), float("-inf"), dtype=x.dtype, device=x.device)
@@ -119,7 +121,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return (log_total - target_logit).mean()
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """Gradients from softmax minus one-hot, scaled by grad / n, one chunk at a time."""
         x, weight, bias, extra, log_total, targets = ctx.saved_tensors
         scale = grad / len(targets)
@@ -168,6 +170,15 @@ def sinusoidal_table(length: int, width: int) -> torch.Tensor:
 
 class BERT4Rec(nn.Module):
     """Bidirectional transformer over playlists; inputs are song token indices (B, L)."""
+
+    # buffers (register_buffer declares no attribute); the song tables exist with side features
+    song_album: torch.Tensor
+    song_artist: torch.Tensor
+    song_features: torch.Tensor
+    song_successor: torch.Tensor
+    position_embedding: torch.Tensor
+    feature_projection: nn.Linear | None
+    features_to_song: nn.Linear | None
 
     def __init__(
         self,

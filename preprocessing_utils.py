@@ -26,6 +26,7 @@ accepts exactly what PostgreSQL accepts. Raw values pass through float32 first (
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -43,8 +44,9 @@ import pandas as pd
 
 logger = logging.getLogger(__name__)
 
-PAD = 0
-MASK = 1
+# song token indices, defined here only (the lowest module that needs them)
+PAD_INDEX = 0
+MASK_INDEX = 1
 FIRST_SONG_INDEX = 2
 FORMAT_VERSION = 1
 
@@ -206,8 +208,15 @@ def _numeric_matrix(songs: pd.DataFrame) -> np.ndarray:
     return np.column_stack([*binary, *numbers, *audio, duration])
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through ``write(file)`` into a temp file in the same folder, fsync, then rename."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` through ``write(file)`` so that a reader sees the old or the new file.
+
+    The bytes go to a temporary file in the same folder, are fsynced, and the file is renamed
+    over ``path``; then the folder is fsynced where the platform allows it, so the rename
+    survives a crash too. On any failure the temporary file is removed and ``path`` is
+    untouched. Used for encoders, the training file and checkpoints.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp_name = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
@@ -221,6 +230,20 @@ def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     except BaseException:
         temp_name.unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename) to disk; a no-op where folders cannot be opened."""
+    try:
+        handle = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -234,7 +257,7 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
                     np.lib.format.write_array(member, np.require(array, requirements="C"),
                                               allow_pickle=False)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -460,7 +483,8 @@ class Encoders:
             "n_artists": len(self.artist_ids),
             "feature_names": list(FEATURE_NAMES) if self.has_side_info else [],
             "numeric_columns": list(NUMERIC_COLUMNS),
-            "special_song_tokens": {"PAD": PAD, "MASK": MASK, "first_song": FIRST_SONG_INDEX},
+            "special_song_tokens": {"PAD": PAD_INDEX, "MASK": MASK_INDEX,
+                                    "first_song": FIRST_SONG_INDEX},
         }
 
     def save(self, folder: Path) -> None:
@@ -468,7 +492,7 @@ class Encoders:
         folder = Path(folder)
         write_npz(folder / ENCODERS_NPZ, self.to_arrays())
         text = json.dumps(self.metadata(), indent=2, sort_keys=True) + "\n"
-        _atomic_write(folder / ENCODERS_JSON, lambda file: file.write(text.encode("utf-8")))
+        atomic_write(folder / ENCODERS_JSON, lambda file: file.write(text.encode("utf-8")))
 
     @classmethod
     def load(cls, folder: Path) -> Encoders:

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from dataset import Playlists, TrainBatches, eval_tokens, split_sequences
-from model import MASK_INDEX, PAD_INDEX
-from preprocessing_utils import Sequences
+from preprocessing_utils import MASK_INDEX, PAD_INDEX, Sequences
 
 
 def make_sequences(n_playlists: int = 50, seed: int = 0) -> Playlists:
@@ -17,6 +16,11 @@ def make_sequences(n_playlists: int = 50, seed: int = 0) -> Playlists:
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     songs = rng.integers(2, 500, offsets[-1]).astype(np.int64)
     return Playlists(np.arange(100, 100 + n_playlists, dtype=np.int64), offsets, songs)
+
+
+def songs_at(sequences: Sequences, row: int) -> np.ndarray:
+    """The songs of the sequence in ``row`` (CSR slice)."""
+    return sequences.songs[sequences.offsets[row] : sequences.offsets[row + 1]]
 
 
 def playlist_of(sequences: Sequences, playlist_id: int) -> np.ndarray:
@@ -37,7 +41,7 @@ def test_playlist_protocol_holds_out_whole_playlists_without_overlap() -> None:
     for eval_set in (split.validation, split.test):
         for row, playlist_id in enumerate(eval_set.inputs.playlist_ids):
             songs = playlist_of(sequences, int(playlist_id))
-            assert np.array_equal(eval_set.inputs.sequence(row), songs[:-1])
+            assert np.array_equal(songs_at(eval_set.inputs, row), songs[:-1])
             assert eval_set.targets[row] == songs[-1]
 
 
@@ -48,14 +52,14 @@ def test_leave_one_out_never_trains_on_evaluated_positions() -> None:
     for row, playlist_id in enumerate(split.test.inputs.playlist_ids):
         songs = playlist_of(sequences, int(playlist_id))
         assert split.test.targets[row] == songs[-1]
-        assert np.array_equal(split.test.inputs.sequence(row), songs[:-1])
+        assert np.array_equal(songs_at(split.test.inputs, row), songs[:-1])
     for row, playlist_id in enumerate(split.validation.inputs.playlist_ids):
         songs = playlist_of(sequences, int(playlist_id))
         assert split.validation.targets[row] == songs[-2]
-        assert np.array_equal(split.validation.inputs.sequence(row), songs[:-2])
+        assert np.array_equal(songs_at(split.validation.inputs, row), songs[:-2])
     for row, playlist_id in enumerate(split.train.playlist_ids):
         songs = playlist_of(sequences, int(playlist_id))
-        assert np.array_equal(split.train.sequence(row), songs[:-2])
+        assert np.array_equal(songs_at(split.train, row), songs[:-2])
     assert (split.train.lengths >= 1).all()
 
 
@@ -100,7 +104,7 @@ def test_training_windows_are_right_aligned_slices_of_their_playlist() -> None:
     inputs, labels = batches[0]
     tokens = np.where(labels.numpy() != PAD_INDEX, labels.numpy(), inputs.numpy())
     for row, playlist_row in enumerate(batches.order[:40]):
-        songs = playlists.sequence(int(playlist_row))
+        songs = songs_at(playlists, int(playlist_row))
         window = tokens[row][tokens[row] != PAD_INDEX]
         assert len(window) == min(len(songs), 8)
         assert (tokens[row, : 8 - len(window)] == PAD_INDEX).all()
@@ -141,7 +145,7 @@ def test_eval_tokens_put_the_latest_songs_before_a_mask() -> None:
     tokens = eval_tokens(split.test, rows, seq_len=6).numpy()
     assert (tokens[:, -1] == MASK_INDEX).all()
     for row in rows:
-        inputs = split.test.inputs.sequence(int(row))[-5:]
+        inputs = songs_at(split.test.inputs, int(row))[-5:]
         assert np.array_equal(tokens[row, 6 - 1 - len(inputs) : -1], inputs)
         assert (tokens[row, : 6 - 1 - len(inputs)] == PAD_INDEX).all()
 

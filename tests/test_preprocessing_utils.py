@@ -12,8 +12,8 @@ import pytest
 from preprocessing_utils import (
     FEATURE_NAMES,
     FIRST_SONG_INDEX,
-    MASK,
-    PAD,
+    MASK_INDEX,
+    PAD_INDEX,
     SONG_COLUMNS,
     DataError,
     Encoders,
@@ -71,7 +71,7 @@ def fitted(catalog: pd.DataFrame) -> Encoders:
 
 
 def test_vocabulary_is_played_songs_in_catalog_order_after_pad_and_mask(fitted: Encoders) -> None:
-    assert (PAD, MASK, FIRST_SONG_INDEX) == (0, 1, 2)
+    assert (PAD_INDEX, MASK_INDEX, FIRST_SONG_INDEX) == (0, 1, 2)
     assert fitted.song_ids.tolist() == [10, 20, 30]
     assert fitted.n_song_tokens == 5
     assert fitted.encode_songs([10, 20, 30]).tolist() == [2, 3, 4]
@@ -80,7 +80,7 @@ def test_vocabulary_is_played_songs_in_catalog_order_after_pad_and_mask(fitted: 
     assert fitted.artist_ids.tolist() == [50, 51]
     assert fitted.song_artist.tolist() == [0, 0, 1, 1, 2]
     assert (fitted.n_album_tokens, fitted.n_artist_tokens, fitted.n_features) == (3, 3, 21)
-    assert not fitted.song_features[[PAD, MASK]].any()
+    assert not fitted.song_features[[PAD_INDEX, MASK_INDEX]].any()
 
 
 def test_features_follow_the_documented_transforms(fitted: Encoders) -> None:
@@ -155,7 +155,7 @@ def test_without_side_information_only_song_ids_are_encoded() -> None:
 def test_unknown_ids_encode_to_minus_one_and_specials_do_not_decode(fitted: Encoders) -> None:
     assert fitted.encode_songs([40, 10, 999, 5]).tolist() == [-1, 2, -1, -1]
     assert fitted.decode_songs([4, 2]).tolist() == [30, 10]
-    for token in (PAD, MASK, fitted.n_song_tokens, -1):
+    for token in (PAD_INDEX, MASK_INDEX, fitted.n_song_tokens, -1):
         with pytest.raises(ValueError, match="is not a song"):
             fitted.decode_songs([token])
     empty = Encoders.fit(interactions([]), None)
