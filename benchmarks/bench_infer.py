@@ -24,10 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from checkpoint import build_model
 from config import load_config
-from model import FIRST_SONG_INDEX, MASK_INDEX, PAD_INDEX, BERT4Rec
-from preprocessing_utils import NUMERIC_COLUMNS, Encoders
-from train import Recommender, build_model
+from model import BERT4Rec
+from preprocessing_utils import FIRST_SONG_INDEX, MASK_INDEX, NUMERIC_COLUMNS, PAD_INDEX, Encoders
+from recommender import Recommender
 
 BLOCK = 25
 WARMUP = 5

@@ -22,23 +22,20 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from config import Config, load_config  # noqa: E402
-from dataset import split_sequences  # noqa: E402
-from train import build_model, evaluate_split, load_checkpoint, load_data, train  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from config import load_config  # noqa: E402
+from evaluation import evaluate_split  # noqa: E402
+from train import load_data, split_for, train  # noqa: E402
 
 KEYS = ("ndcg@10", "hr@10", "mrr")
 
 
 def evaluate_run(run_dir: Path, data_dir: Path) -> dict:
     """Test metrics of a run's best checkpoint, with both baselines on the same split."""
-    checkpoint = load_checkpoint(run_dir / "best.pt")
-    config = Config.from_dict(checkpoint["config"])
     encoders, sequences = load_data(data_dir)
-    model = build_model(config, encoders)
-    model.load_state_dict(checkpoint["model"])
-    split = split_sequences(sequences, config.data.split_protocol, config.data.train_share,
-                            config.train.seed, config.data.min_playlist_len)
-    return evaluate_split(model, split, config, torch.device("cpu"), "test")
+    loaded = load_model(run_dir / "best.pt", encoders, where=data_dir / "encoders")
+    split = split_for(loaded.config, sequences)
+    return evaluate_split(loaded.model, split, loaded.config, torch.device("cpu"), "test")
 
 
 def main() -> None:

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from dataset import EvalSet, Playlists
-from train import MostPopular, Transition, evaluate_scores, rank_metrics, target_ranks
+from evaluation import (
+    METRIC_NAMES,
+    MostPopular,
+    Transition,
+    average_metrics,
+    evaluate_scores,
+    metric_sums,
+    target_ranks,
+)
 
 
 def playlists(*sequences: list[int]) -> Playlists:
@@ -18,6 +26,11 @@ def playlists(*sequences: list[int]) -> Playlists:
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     songs = np.asarray([song for sequence in sequences for song in sequence], dtype=np.int64)
     return Playlists(np.arange(len(sequences), dtype=np.int64), offsets, songs)
+
+
+def rank_metrics(ranks: torch.Tensor) -> dict[str, float]:
+    """The metrics of 0-based ranks averaged per sequence, through the public functions."""
+    return average_metrics(metric_sums(ranks), len(ranks))
 
 
 def test_target_ranks_count_strictly_higher_scores() -> None:
@@ -34,6 +47,8 @@ def test_metrics_against_hand_computed_values() -> None:
     assert metrics["ndcg@5"] == pytest.approx((1 + 1 / math.log2(6)) / 4)
     assert metrics["ndcg@10"] == pytest.approx((1 + 1 / math.log2(6) + 1 / math.log2(11)) / 4)
     assert metrics["mrr"] == pytest.approx((1 + 1 / 5 + 1 / 10 + 1 / 21) / 4)
+    assert tuple(metrics) == METRIC_NAMES
+    assert average_metrics(metric_sums(torch.zeros(0)), 0) == dict.fromkeys(METRIC_NAMES, 0.0)
 
 
 def test_evaluation_averages_per_sequence_and_never_ranks_specials() -> None:

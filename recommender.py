@@ -1,0 +1,137 @@
+"""Serving: catalog song ids in, top-k catalog song ids out, from a checkpoint.
+
+The one inference path of ``train.py --recommend``, the notebook and the service. It imports
+nothing from training (``train``, the optimizer, TensorBoard), so a service process loads only
+the network, the encoders and this file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from checkpoint import load_model
+from model import BERT4Rec
+from preprocessing_utils import FIRST_SONG_INDEX, MASK_INDEX, PAD_INDEX, Encoders
+
+# columns per block of ``top_k``'s shortlist
+TOP_K_BLOCK = 128
+
+
+@dataclass
+class Recommendation:
+    """Top-k catalog song ids with their probabilities, and the input ids the model lacks."""
+
+    song_ids: list[int]
+    scores: list[float]
+    unknown_song_ids: list[int]
+
+
+def top_k(
+    scores: torch.Tensor, k: int, block: int = TOP_K_BLOCK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scores.topk(k, dim=1)`` as (values, indices), several times faster for a small k.
+
+    The k best of a row lie in the k blocks of ``block`` columns with the highest maxima (a
+    block outside them has k others whose maxima are at least its own, so k better scores),
+    so the sort runs over k * block candidates instead of all 116k songs. Rows so short that
+    the candidates would be over a quarter of them are sorted whole.
+    """
+    rows, width = scores.shape
+    whole = width // block * block
+    if k * block * 4 > whole:
+        top = scores.topk(k, dim=1)
+        return top.values, top.indices
+    best = scores[:, :whole].view(rows, -1, block).amax(dim=2).topk(k, dim=1).indices
+    within = torch.arange(block, device=scores.device)
+    columns = torch.cat([(best[:, :, None] * block + within).reshape(rows, k * block),
+                         torch.arange(whole, width, device=scores.device).expand(rows, -1)], dim=1)
+    values, picked = scores.gather(1, columns).topk(k, dim=1)
+    return values, columns.gather(1, picked)
+
+
+class Recommender:
+    """Catalog song ids in, top-k catalog song ids out; used by the CLI, notebook and service."""
+
+    def __init__(
+        self, model: BERT4Rec, encoders: Encoders, popularity: torch.Tensor, model_version: str,
+        device: str | torch.device = "cpu", batch_size: int = 256,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.scoring_matrix = self.model.scoring_matrix()
+        self.encoders = encoders
+        self.popularity = popularity.double().clone()
+        self.popularity[:FIRST_SONG_INDEX] = -1.0
+        self.model_version = model_version
+        self.batch_size = batch_size
+
+    @property
+    def n_songs(self) -> int:
+        """Number of songs the model can recommend."""
+        return self.encoders.n_songs
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> Recommender:
+        """Load a checkpoint written by train.py (weights_only; the encoders come with it)."""
+        loaded = load_model(path, device=device)
+        return cls(loaded.model, loaded.encoders, loaded.popularity, loaded.model_version, device)
+
+    def recommend(
+        self, playlists: Sequence[Sequence[int]], k: int = 10, exclude_seen: bool = True
+    ) -> list[Recommendation]:
+        """Top-k songs to follow each playlist (catalog ids, best first, softmax scores)."""
+        if k < 1:
+            raise ValueError("k must be at least 1")
+        encoded, unknown = [], []
+        for playlist in playlists:
+            ids = np.asarray(list(playlist), dtype=np.int64)
+            tokens = self.encoders.encode_songs(ids) if len(ids) else ids
+            encoded.append(tokens[tokens >= FIRST_SONG_INDEX])
+            unknown.append([int(song) for song in ids[tokens < FIRST_SONG_INDEX]])
+        results: dict[int, Recommendation] = {}
+        known = [index for index, tokens in enumerate(encoded) if len(tokens)]
+        for index in range(len(encoded)):
+            if not len(encoded[index]):
+                results[index] = self._most_popular(k, unknown[index])
+        with torch.inference_mode():
+            for start in range(0, len(known), self.batch_size):
+                chunk = known[start : start + self.batch_size]
+                for index, result in zip(chunk, self._score([encoded[i] for i in chunk], k,
+                                                            exclude_seen), strict=True):
+                    results[index] = Recommendation(*result, unknown[index])
+        return [results[index] for index in range(len(encoded))]
+
+    def _score(
+        self, sequences: list[np.ndarray], k: int, exclude_seen: bool
+    ) -> Iterator[tuple[list[int], list[float]]]:
+        """Model top-k for non-empty token sequences, as (catalog ids, scores)."""
+        seq_len = self.model.seq_len
+        width = min(max(len(tokens) for tokens in sequences), seq_len - 1) + 1
+        batch = torch.full((len(sequences), width), PAD_INDEX, dtype=torch.long)
+        batch[:, -1] = MASK_INDEX
+        for row, tokens in enumerate(sequences):
+            window = tokens[-(width - 1) :]
+            batch[row, width - 1 - len(window) : width - 1] = torch.from_numpy(window)
+        scores = self.model.predict_last(batch.to(self.device), self.scoring_matrix)
+        if exclude_seen:
+            for row, tokens in enumerate(sequences):
+                scores[row].index_fill_(0, torch.from_numpy(tokens).to(self.device), float("-inf"))
+        values, indices = top_k(scores, min(k, self.n_songs))
+        probabilities = torch.softmax(scores, dim=1).gather(1, indices).cpu().numpy()
+        finite = torch.isfinite(values).cpu().numpy()
+        top_indices = indices.cpu().numpy()
+        for row, keep in enumerate(finite):
+            songs = self.encoders.decode_songs(top_indices[row][keep])
+            yield songs.tolist(), probabilities[row][keep].tolist()
+
+    def _most_popular(self, k: int, unknown: list[int]) -> Recommendation:
+        """The fallback for a playlist with no known song: the most frequent songs."""
+        top = self.popularity.topk(min(k, self.n_songs))
+        total = float(self.popularity.clamp(min=0).sum()) or 1.0
+        ids = self.encoders.decode_songs(top.indices.numpy()).tolist()
+        return Recommendation(ids, (top.values.clamp(min=0) / total).tolist(), unknown)
