@@ -56,59 +56,22 @@ TRAINING_NPZ = "training.npz"
 
 BINARY_FIELDS = ("explicit", "mode")
 NUMBER_FIELDS = ("disc_number", "track_number")
-AUDIO_FIELDS = (
-    "danceability",
-    "energy",
-    "loudness",
-    "speechiness",
-    "acousticness",
-    "instrumentalness",
-    "liveness",
-    "valence",
-    "tempo",
-)
+AUDIO_FIELDS = ("danceability", "energy", "loudness", "speechiness", "acousticness",
+                "instrumentalness", "liveness", "valence", "tempo")
 TIME_SIGNATURES = (3, 4, 5, 6, 7)
 # key (pitch class 0..11) on the circle, from libm per class so every CPU agrees; last: NULL
 KEY_SIN = np.array([math.sin(2 * math.pi * pitch / 12) for pitch in range(12)] + [0.0])
 KEY_COS = np.array([math.cos(2 * math.pi * pitch / 12) for pitch in range(12)] + [0.0])
 NUMERIC_COLUMNS = (*BINARY_FIELDS, *NUMBER_FIELDS, *AUDIO_FIELDS, "duration_ms_log1p")
-FEATURE_NAMES = (
-    *NUMERIC_COLUMNS,
-    "key_sin",
-    "key_cos",
-    *(f"time_signature_{value}" for value in TIME_SIGNATURES),
-)
-RAW_FEATURE_FIELDS = (
-    "explicit",
-    "danceability",
-    "energy",
-    "key",
-    "loudness",
-    "mode",
-    "speechiness",
-    "acousticness",
-    "instrumentalness",
-    "liveness",
-    "valence",
-    "tempo",
-    "duration_ms",
-    "time_signature",
-    "disc_number",
-    "track_number",
-)
-_ARRAY_NAMES = (
-    "format_version",
-    "has_side_info",
-    "song_ids",
-    "album_ids",
-    "artist_ids",
-    "song_album",
-    "song_artist",
-    "song_features",
-    "numeric_fill",
-    "numeric_center",
-    "numeric_scale",
-)
+FEATURE_NAMES = (*NUMERIC_COLUMNS, "key_sin", "key_cos",
+                 *(f"time_signature_{value}" for value in TIME_SIGNATURES))
+# the raw fields of a song row, in the order of the songs table (sql/schema.sql)
+RAW_FEATURE_FIELDS = ("explicit", "danceability", "energy", "key", "loudness", "mode",
+                      "speechiness", "acousticness", "instrumentalness", "liveness", "valence",
+                      "tempo", "duration_ms", "time_signature", "disc_number", "track_number")
+_ARRAY_NAMES = ("format_version", "has_side_info", "song_ids", "album_ids", "artist_ids",
+                "song_album", "song_artist", "song_features", "numeric_fill", "numeric_center",
+                "numeric_scale")
 SONG_COLUMNS = ("song_id", "album_id", "artist_id", *RAW_FEATURE_FIELDS)
 
 # (low, high, integer?) inclusive bounds; mirrors the CHECK constraints in sql/schema.sql.

@@ -39,6 +39,10 @@ def test_notebook_runs_and_recommends_ten_catalog_songs(
     errors = [output for cell in notebook.cells if cell.cell_type == "code"
               for output in cell.outputs if output.output_type == "error"]
     assert not errors
+    streams = "".join(output.text for cell in notebook.cells if cell.cell_type == "code"
+                      for output in cell.outputs if output.output_type == "stream")
+    assert "\r" not in streams, "progress bars leaked into the notebook's outputs"
+    assert len(streams.splitlines()) < 60
     images = [output for cell in notebook.cells if cell.cell_type == "code"
               for output in cell.outputs if "image/png" in output.get("data", {})]
     assert len(images) >= len(FIGURES)
