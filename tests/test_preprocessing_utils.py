@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,7 @@ from preprocessing_utils import (
     SONG_COLUMNS,
     DataError,
     Encoders,
+    atomic_write,
     count_feature_cleaning,
     load_training_file,
     save_training_file,
@@ -220,3 +222,21 @@ def test_training_file_round_trips_and_is_validated(tmp_path: Path) -> None:
             save_training_file(tmp_path, np.array([7, 3]), np.array(offsets), np.array(songs))
     with pytest.raises(DataError, match="training file not found"):
         load_training_file(tmp_path / "missing")
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "file.bin"
+    atomic_write(path, lambda file: file.write(b"first"))
+    assert path.read_bytes() == b"first"
+
+    def fail_halfway(file: BinaryIO) -> None:
+        file.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, fail_halfway)
+    assert path.read_bytes() == b"first"
+    assert [item.name for item in path.parent.iterdir()] == ["file.bin"]
+    atomic_write(path, lambda file: file.write(b"second"))
+    assert path.read_bytes() == b"second"
+    assert [item.name for item in path.parent.iterdir()] == ["file.bin"]
