@@ -1,15 +1,19 @@
-"""Typed configuration for Bert4MusicRec: presets, file and CLI overrides, validation.
+"""Typed configuration for Bert4MusicRec: presets, file and CLI overrides, validation, and the
+service's environment settings.
 
-Every module reads its settings from one ``Config``. Vocabulary sizes are not part of it:
-they come from the fitted encoders, so they can never disagree with the data.
+Every training module reads its settings from one ``Config``. Vocabulary sizes are not part of
+it: they come from the fitted encoders, so they can never disagree with the data. The service
+reads ``Settings`` from the environment through the same typed coercion (``_coerce``).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import math
+import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,12 @@ RUNS_DIR = REPO_ROOT / "runs"
 SPLIT_PROTOCOLS = ("playlist", "leave_one_out")
 POSITIONAL_ENCODINGS = ("learned", "sinusoidal")
 DEVICES = ("auto", "cpu", "cuda")
+
+# The local server's postgres database, used wherever DATABASE_URL is not set.
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+# Most recommendations per playlist. sql/schema.sql (CHECK on k and rank) and sql/service.sql
+# (request_recommendations) hold the same bound; tests/test_schema.py asserts they agree.
+MAX_K = 100
 
 
 class ConfigError(ValueError):
@@ -315,6 +325,80 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.preset, args.config, list(args.overrides))
 
 
-def clone(config: Config) -> Config:
-    """Deep copy, so a caller can tweak one run without touching another's settings."""
-    return copy.deepcopy(config)
+def default_database_url(environ: Mapping[str, str] | None = None) -> str:
+    """DATABASE_URL from the environment, else the local server's postgres database."""
+    return (os.environ if environ is None else environ).get("DATABASE_URL", DEFAULT_DATABASE_URL)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Service settings; each field is read from the environment variable of its upper-case name."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    model_path: Path = RUNS_DIR / "demo" / "best.pt"
+    catalog_dir: Path | None = None
+    api_token: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 2
+    threads: int = 4
+    job_threads: int = 2
+    job_batch_size: int = 64
+    max_attempts: int = 5
+    lease_seconds: float = 60.0
+    poll_seconds: float = 1.0
+    retry_base_seconds: float = 2.0
+    retry_max_seconds: float = 300.0
+    pool_size: int = 10
+    db_connect_timeout: int = 3
+    max_content_length: int = 64 * 1024
+    max_song_ids: int = 500
+    torch_threads: int = 0
+    shutdown_seconds: float = 20.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Settings from ``environ`` (default: the process environment plus a ``.env`` file).
+
+        Values go through ``_coerce``, so an error names the variable; an empty CATALOG_DIR
+        means none.
+        """
+        if environ is None:
+            from dotenv import load_dotenv
+
+            load_dotenv(REPO_ROOT / ".env")
+            environ = os.environ
+        defaults = cls()
+        values: dict[str, Any] = {}
+        for item in fields(cls):
+            name = item.name.upper()
+            if name not in environ:
+                continue
+            text = environ[name].strip()
+            current = getattr(defaults, item.name)
+            if item.name == "catalog_dir":
+                values[item.name] = _coerce(name, Path(), text) if text else None
+            else:
+                values[item.name] = _coerce(name, current, text)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first setting that is out of range."""
+        at_least_one = ("port", "workers", "threads", "job_threads", "job_batch_size",
+                        "max_attempts", "pool_size", "db_connect_timeout", "max_content_length",
+                        "max_song_ids")
+        for name in at_least_one:
+            _check(getattr(self, name) >= 1, name.upper(), "must be at least 1")
+        positive = ("lease_seconds", "poll_seconds", "retry_base_seconds", "retry_max_seconds",
+                    "shutdown_seconds")
+        for name in positive:
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value > 0, name.upper(), "must be positive and finite")
+        _check(self.port <= 65535, "PORT", "must be at most 65535")
+        _check(self.torch_threads >= 0, "TORCH_THREADS",
+               "must not be negative (0 keeps torch's default)")
+        _check(self.pool_size >= self.job_threads + 1, "POOL_SIZE",
+               "must exceed JOB_THREADS so requests still get a connection while every worker "
+               "holds one")

@@ -20,7 +20,8 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 
 from prometheus_client import multiprocess
 
-from flask_app import EXTENSION_KEY, Settings
+from config import Settings
+from flask_app import EXTENSION_KEY
 
 _settings = Settings.from_env()
 

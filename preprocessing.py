@@ -22,24 +22,23 @@ output. Cleaning rules (each reported in the summary, never silent):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
-import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import psycopg2
-from psycopg2 import sql
-from psycopg2.extensions import TRANSACTION_STATUS_IDLE, parse_dsn
 from psycopg2.extensions import connection as Connection
 
-from config import BUILD_DIR, DEMO_DATA_DIR, SQL_DIR
+import db
+from config import BUILD_DIR, DEFAULT_DATABASE_URL, DEMO_DATA_DIR, default_database_url
+from db import CSV_COLUMNS
 from preprocessing_utils import (
     RAW_FEATURE_FIELDS,
     SONG_COLUMNS,
@@ -51,18 +50,9 @@ from preprocessing_utils import (
     save_training_file,
 )
 
-DEFAULT_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_ITERSIZE = 50_000
 ENCODERS_SUBDIR = "encoders"
 
-# Tables in foreign-key order, with the columns each CSV file must have.
-CSV_COLUMNS: dict[str, tuple[str, ...]] = {
-    "artists": ("artist_id", "name", "genre"),
-    "albums": ("album_id", "name", "artist_id", "release_year"),
-    "songs": ("song_id", "name", "album_id", "artist_id", *RAW_FEATURE_FIELDS),
-    "playlists": ("playlist_id", "name"),
-    "playlist_songs": ("playlist_id", "pos", "song_id"),
-}
 INTEGER_FEATURES = ("explicit", "key", "mode", "duration_ms", "time_signature", "disc_number",
                     "track_number")
 BOOLEAN_WORDS = {"true": "1", "false": "0", "t": "1", "f": "0"}
@@ -76,51 +66,6 @@ class SourceData:
     positions: np.ndarray
     song_ids: np.ndarray
     songs: pd.DataFrame | None
-
-
-def read_sql(name: str) -> str:
-    """Text of sql/<name>.sql, the single home of every statement the code runs."""
-    return (SQL_DIR / f"{name}.sql").read_text(encoding="utf-8")
-
-
-def connect(dsn: str) -> Connection:
-    """Open a psycopg2 connection (not autocommit) to ``dsn``."""
-    return psycopg2.connect(dsn)
-
-
-def describe_dsn(dsn: str) -> str:
-    """``user@host:port/dbname`` of a DSN, without its password, for messages."""
-    try:
-        parts = parse_dsn(dsn)
-    except psycopg2.ProgrammingError:
-        return "<unparsable DSN>"
-    return (f"{parts.get('user', '')}@{parts.get('host', 'localhost')}:"
-            f"{parts.get('port', '5432')}/{parts.get('dbname', '')}")
-
-
-def create_schema(connection: Connection) -> None:
-    """Create the tables and indexes of sql/schema.sql; running it again changes nothing."""
-    with connection, connection.cursor() as cursor:
-        cursor.execute(read_sql("schema"))
-
-
-@contextlib.contextmanager
-def _read_transaction(connection: Connection) -> Iterator[None]:
-    """One REPEATABLE READ snapshot for a multi-query read, ended afterwards if we began it."""
-    autocommit = connection.autocommit
-    if autocommit:
-        connection.autocommit = False
-    began = connection.get_transaction_status() == TRANSACTION_STATUS_IDLE
-    try:
-        if began:
-            with connection.cursor() as cursor:
-                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        yield
-    finally:
-        if began:
-            connection.rollback()
-        if autocommit:
-            connection.autocommit = True
 
 
 def _csv_header(path: Path) -> list[str]:
@@ -219,33 +164,27 @@ def read_csv_source(data_dir: Path) -> SourceData:
     return SourceData(playlist_ids, positions, song_ids, songs)
 
 
-def _query_count(cursor: psycopg2.extensions.cursor, query: str) -> int:
-    """Number of rows ``query`` returns."""
-    cursor.execute(f"SELECT count(*) FROM ({query.strip().rstrip(';')}\n) AS counted")
-    return int(cursor.fetchone()[0])
-
-
 def read_postgres_source(connection: Connection, itersize: int = DEFAULT_ITERSIZE) -> SourceData:
     """Stream playlists and the used songs' features through server-side cursors, one snapshot.
 
     The playlist rows fill preallocated arrays chunk by chunk, so the table is held once.
     """
-    playlist_query, songs_query = read_sql("playlists"), read_sql("songs")
-    with _read_transaction(connection):
+    with db.read_snapshot(connection):
         with connection.cursor() as cursor:
-            total = _query_count(cursor, playlist_query)
+            cursor.execute(db.sql_text("playlists_count"))
+            total = int(db.fetch_one(cursor)[0])
         rows = np.empty((total, 3), dtype=np.int64)
         filled = 0
         with connection.cursor(name="b4mr_playlist_songs") as cursor:
             cursor.itersize = itersize
-            cursor.execute(playlist_query)
+            cursor.execute(db.sql_text("playlists"))
             while chunk := cursor.fetchmany(itersize):
                 rows[filled:filled + len(chunk)] = chunk
                 filled += len(chunk)
         columns: list[list[object]] = [[] for _ in SONG_COLUMNS]
         with connection.cursor(name="b4mr_songs") as cursor:
             cursor.itersize = itersize
-            cursor.execute(songs_query)
+            cursor.execute(db.sql_text("songs"))
             while chunk := cursor.fetchmany(itersize):
                 for values, column in zip(columns, zip(*chunk, strict=True), strict=True):
                     values.extend(column)
@@ -261,22 +200,13 @@ def read_postgres_source(connection: Connection, itersize: int = DEFAULT_ITERSIZ
     return SourceData(rows[:, 0], rows[:, 1], rows[:, 2], songs)
 
 
-def read_playlist_song_ids(connection: Connection, playlist_id: int) -> list[int] | None:
-    """Song ids of one playlist ordered by pos; None when the playlist does not exist."""
-    with _read_transaction(connection), connection.cursor() as cursor:
-        cursor.execute(read_sql("playlist"), {"playlist_id": int(playlist_id)})
-        found, song_ids = cursor.fetchone()
-    return [int(song_id) for song_id in song_ids] if found else None
-
-
 def read_catalog_names(source: Path | Connection) -> pd.DataFrame:
     """Song, artist and album names indexed by song_id, for printing (empty without songs)."""
     empty = pd.DataFrame({"song": [], "artist": [], "album": []},
                          index=pd.Index([], dtype=np.int64, name="song_id"), dtype=object)
     if isinstance(source, Connection):
-        with _read_transaction(source), source.cursor() as cursor:
-            cursor.execute(read_sql("catalog_names"))
-            names = pd.DataFrame(cursor.fetchall(), columns=["song_id", "song", "artist", "album"])
+        names = pd.DataFrame(db.catalog_names(source),
+                             columns=["song_id", "song", "artist", "album"])
     else:
         folder = Path(source)
         if not (folder / "songs.csv").is_file():
@@ -306,54 +236,6 @@ def _names_table(path: Path, key: str, label: str, links: tuple[str, ...]) -> pd
         table[column] = _parse_column(frame, column, path.name, lines, integer=True,
                                       required=column == key)
     return table
-
-
-def load_csv_tables(connection: Connection, data_dir: Path) -> dict[str, int]:
-    """COPY the five CSV tables into the database in one transaction; rows inserted per table.
-
-    Each file is copied into a temporary table and inserted with ON CONFLICT DO NOTHING, so a
-    second load inserts nothing and leaves the same rows.
-    """
-    data_dir = Path(data_dir)
-    headers = {}
-    for table, columns in CSV_COLUMNS.items():
-        path = data_dir / f"{table}.csv"
-        header = _csv_header(path)
-        missing = [column for column in columns if column not in header]
-        extra = [column for column in header if column not in columns]
-        if missing or extra:
-            problem = (f"missing column {missing[0]!r}" if missing
-                       else f"unknown column {extra[0]!r}")
-            raise DataError(f"{path.name}: {problem} (expected: {', '.join(columns)})")
-        headers[table] = header
-    inserted = {}
-    with connection, connection.cursor() as cursor:
-        for table, header in headers.items():
-            staging = sql.Identifier(f"load_{table}")
-            column_list = sql.SQL(", ").join(map(sql.Identifier, header))
-            cursor.execute(sql.SQL(
-                "CREATE TEMP TABLE {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP").format(
-                    staging, sql.Identifier(table)))
-            path = data_dir / f"{table}.csv"
-            try:
-                with path.open(encoding="utf-8-sig", newline="") as file:
-                    cursor.copy_expert(sql.SQL(
-                        "COPY {} ({}) FROM STDIN WITH (FORMAT csv, HEADER true)").format(
-                            staging, column_list), file)
-                cursor.execute(sql.SQL(
-                    "INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT DO NOTHING").format(
-                        sql.Identifier(table), column_list, column_list, staging))
-            except psycopg2.DataError as error:
-                raise DataError(f"{path.name}: {_one_line(error)}") from None
-            except psycopg2.IntegrityError as error:
-                raise DataError(f"{path.name}: {_one_line(error)}") from None
-            inserted[table] = cursor.rowcount
-    return inserted
-
-
-def _one_line(error: Exception) -> str:
-    """A database error's message and context on one line."""
-    return " | ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 def build_sequences(
@@ -435,7 +317,7 @@ def preprocess(
     if source == "csv":
         data = read_csv_source(Path(data_dir if data_dir is not None else DEMO_DATA_DIR))
     elif source == "postgres":
-        connection = connect(dsn or default_dsn())
+        connection = db.connect(dsn or default_database_url())
         try:
             data = read_postgres_source(connection, itersize)
         finally:
@@ -469,12 +351,7 @@ def preprocess(
     return summary
 
 
-def default_dsn() -> str:
-    """DATABASE_URL from the environment, else a local server's postgres database."""
-    return os.environ.get("DATABASE_URL", DEFAULT_DSN)
-
-
-def format_summary(summary: dict[str, object]) -> str:
+def format_summary(summary: Mapping[str, Any]) -> str:
     """Readable multi-line summary of a preprocessing run."""
     dropped = ", ".join(f"{reason} {count}" for reason, count in summary["dropped_rows"].items())
     lines = [
@@ -517,8 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, default=DEMO_DATA_DIR,
                         help="folder of CSV tables; only playlist_songs.csv is required "
                              "(default: the repository's 'demo data')")
-    parser.add_argument("--dsn", default=default_dsn(),
-                        help=f"PostgreSQL DSN (default: $DATABASE_URL, else {DEFAULT_DSN})")
+    parser.add_argument("--dsn", default=default_database_url(),
+                        help=f"PostgreSQL DSN (default: $DATABASE_URL, else "
+                             f"{DEFAULT_DATABASE_URL})")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder for training.npz and encoders/ "
                              "(default: build/<source>)")
@@ -540,16 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _setup_database(dsn: str, load_dir: Path | None) -> None:
     """Create the schema in ``dsn`` and, with ``load_dir``, load its CSV tables; print counts."""
-    connection = connect(dsn)
-    try:
-        create_schema(connection)
-        print(f"schema ready in {describe_dsn(dsn)}")
+    with db.connected(dsn) as connection:
+        db.create_schema(connection)
+        print(f"schema ready in {db.describe_dsn(dsn)}")
         if load_dir is not None:
-            inserted = load_csv_tables(connection, load_dir)
+            inserted = db.load_csv_tables(connection, load_dir)
             print("rows inserted: " + ", ".join(f"{t} {n}" for t, n in inserted.items()))
-            print(json.dumps({"dsn": describe_dsn(dsn), "inserted": inserted}))
-    finally:
-        connection.close()
+            print(json.dumps({"dsn": db.describe_dsn(dsn), "inserted": inserted}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -571,11 +446,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except psycopg2.OperationalError as error:
-        print(f"error: cannot use PostgreSQL at {describe_dsn(args.dsn)}: {_one_line(error)}",
+        print(f"error: cannot use PostgreSQL at {db.describe_dsn(args.dsn)}: {db.one_line(error)}",
               file=sys.stderr)
         return 2
     except psycopg2.Error as error:
-        print(f"error: PostgreSQL at {describe_dsn(args.dsn)}: {_one_line(error)} "
+        print(f"error: PostgreSQL at {db.describe_dsn(args.dsn)}: {db.one_line(error)} "
               f"(create the tables with --create-schema or --load-csv)", file=sys.stderr)
         return 2
     print(format_summary(summary))

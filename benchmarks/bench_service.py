@@ -40,11 +40,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-import flask_app  # noqa: E402
-import preprocessing  # noqa: E402
-import train  # noqa: E402
-from config import DEMO_DATA_DIR, DEMO_ENCODERS_DIR, load_config  # noqa: E402
+import checkpoint  # noqa: E402
+import db  # noqa: E402
+from config import DEMO_DATA_DIR, DEMO_ENCODERS_DIR, default_database_url, load_config  # noqa: E402
 from preprocessing_utils import Encoders  # noqa: E402
+from recommender import Recommender  # noqa: E402
 
 FULL_SIZES = {"songs": 116_293, "albums": 22_152, "artists": 12_561}
 PLAYLIST_LENGTH = 30
@@ -106,13 +106,13 @@ def random_checkpoint(data_dir: Path, preset: str, work: Path, encoders: Path | 
     fitted = Encoders.load(out / "encoders")
     config = load_config(preset)
     torch.manual_seed(0)
-    model = train.build_model(config, fitted)
+    model = checkpoint.build_model(config, fitted)
     path = work / "random.pt"
-    train.save_checkpoint(path, {
-        "format": train.CHECKPOINT_FORMAT,
+    checkpoint.save_checkpoint(path, {
+        "format": checkpoint.CHECKPOINT_FORMAT,
         "model": model.state_dict(),
         "config": config.to_dict(),
-        "encoders": train.encoders_to_tensors(fitted),
+        "encoders": checkpoint.encoders_to_tensors(fitted),
         "encoders_fingerprint": fitted.fingerprint,
         "popularity": torch.ones(fitted.n_song_tokens, dtype=torch.float64),
         "model_version": f"bench-random-{preset}",
@@ -278,24 +278,21 @@ def run_size(size: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         data_dir, encoders, preset = DEMO_DATA_DIR, DEMO_ENCODERS_DIR, "demo"
     else:
         data_dir, encoders, preset = write_full_catalog(work / "catalog"), None, "full"
-    checkpoint = random_checkpoint(data_dir, preset, work, encoders)
-    recommender = train.Recommender.from_checkpoint(checkpoint)
+    model_path = random_checkpoint(data_dir, preset, work, encoders)
+    recommender = Recommender.from_checkpoint(model_path)
     database = Database(args.database_url)
     server = None
     try:
-        flask_app.init_database(database.dsn)
-        connection = preprocessing.connect(database.dsn)
-        try:
-            preprocessing.load_csv_tables(connection, data_dir)
-        finally:
-            connection.close()
+        db.init_database(database.dsn)
+        with db.connected(database.dsn) as connection:
+            db.load_csv_tables(connection, data_dir)
         rows = database.query("SELECT playlist_id, array_agg(song_id ORDER BY pos) "
                               "FROM playlist_songs GROUP BY playlist_id ORDER BY playlist_id")
         rng = np.random.default_rng(1)
         bodies = [{"song_ids": rows[index][1][-args.sequence_length:], "k": 10,
                    "exclude_seen": True}
                   for index in rng.integers(0, len(rows), args.requests)]
-        server = Server({"DATABASE_URL": database.dsn, "MODEL_PATH": str(checkpoint),
+        server = Server({"DATABASE_URL": database.dsn, "MODEL_PATH": str(model_path),
                          "WORKERS": str(args.workers), "THREADS": str(args.threads),
                          "JOB_THREADS": str(args.job_threads),
                          "JOB_BATCH_SIZE": str(args.job_batch_size),
@@ -328,8 +325,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--job-threads", type=int, default=1, help="queue threads per process")
     parser.add_argument("--job-batch-size", type=int, default=64)
     parser.add_argument("--torch-threads", type=int, default=1)
-    parser.add_argument("--database-url", default=os.environ.get(
-        "DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
+    parser.add_argument("--database-url", default=default_database_url(),
         help="server where a throwaway database is created (needs CREATE DATABASE)")
     args = parser.parse_args(argv)
     args.sizes = [size for size in args.sizes.split(",") if size]

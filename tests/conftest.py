@@ -21,7 +21,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+from config import default_database_url  # noqa: E402
+
 HOW_TO_PROVIDE = (
     "The database tests need PostgreSQL 15+. Start one on 127.0.0.1:5432 with trust auth "
     "(e.g. `pg_ctlcluster 15 main start`) or point DATABASE_URL at a server where this user "
@@ -90,7 +91,7 @@ def _start_throwaway_cluster() -> tuple[str, Path, Path]:
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[str]:
     """DSN of a PostgreSQL server for the whole run: DATABASE_URL, else a throwaway cluster."""
-    dsn = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
+    dsn = default_database_url()
     if _answers(dsn):
         yield dsn
         return

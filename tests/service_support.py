@@ -64,15 +64,11 @@ def tiny_checkpoint(folder: Path) -> Path:
 
 def prepare_database(dsn: str) -> None:
     """Schema, service function and the demo tables in the database at ``dsn``."""
-    import flask_app
-    import preprocessing
+    import db
 
-    flask_app.init_database(dsn)
-    connection = preprocessing.connect(dsn)
-    try:
-        preprocessing.load_csv_tables(connection, DEMO_DATA)
-    finally:
-        connection.close()
+    db.init_database(dsn)
+    with db.connected(dsn) as connection:
+        db.load_csv_tables(connection, DEMO_DATA)
 
 
 def execute(dsn: str, statement: str, parameters: Any = None) -> list[tuple]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import db
 import preprocessing
 from config import DEMO_DATA_DIR, DEMO_ENCODERS_DIR, REPO_ROOT
 from preprocessing_utils import Encoders, load_training_file
@@ -221,22 +222,20 @@ def test_postgres_path_equals_csv_path_and_loading_is_idempotent(
     ignored = {"source", "seconds", "training_file"}
     assert ({k: v for k, v in csv_summary.items() if k not in ignored}
             == {k: v for k, v in pg_summary.items() if k not in ignored})
-    connection = preprocessing.connect(pg_dsn)
+    from_csv = preprocessing.read_catalog_names(tables)
+    connection = db.connect(pg_dsn)
     try:
-        assert preprocessing.read_playlist_song_ids(connection, 9) == [1000010, 1000020, 1000040]
-        assert preprocessing.read_playlist_song_ids(connection, 11) == []
-        assert preprocessing.read_playlist_song_ids(connection, 12345) is None
+        # One snapshot per read, inside a caller's open transaction or under autocommit alike.
+        from_pg = preprocessing.read_catalog_names(connection)
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
-            assert preprocessing.read_playlist_song_ids(connection, 5) == [1000040]
+            assert preprocessing.read_catalog_names(connection).equals(from_pg)
         connection.rollback()
         connection.autocommit = True
-        assert preprocessing.read_playlist_song_ids(connection, 5) == [1000040]
+        assert preprocessing.read_catalog_names(connection).equals(from_pg)
         assert connection.autocommit
-        from_pg = preprocessing.read_catalog_names(connection)
     finally:
         connection.close()
-    from_csv = preprocessing.read_catalog_names(tables)
     assert from_pg.equals(from_csv)
     assert from_csv.loc[1000040].tolist() == ["Song 1000040, live", "Alpha", ""]
 
@@ -273,12 +272,9 @@ def test_read_catalog_names_without_songs_is_empty(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def demo_database(module_pg_dsn: str) -> str:
     """A database holding the committed demo tables."""
-    connection = preprocessing.connect(module_pg_dsn)
-    try:
-        preprocessing.create_schema(connection)
-        preprocessing.load_csv_tables(connection, DEMO_DATA_DIR)
-    finally:
-        connection.close()
+    with db.connected(module_pg_dsn) as connection:
+        db.create_schema(connection)
+        db.load_csv_tables(connection, DEMO_DATA_DIR)
     return module_pg_dsn
 
 

@@ -1,7 +1,8 @@
-"""sql/schema.sql: idempotent, and its CHECK ranges agree with the CSV validation."""
+"""sql/schema.sql: idempotent, and its CHECK ranges agree with the CSV validation and MAX_K."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pandas as pd
@@ -9,7 +10,8 @@ import psycopg2
 import pytest
 from psycopg2 import errors
 
-import preprocessing
+import db
+from config import MAX_K
 from preprocessing_utils import FEATURE_RANGES, SONG_COLUMNS, DataError, check_songs
 
 VALID_SONG = {
@@ -29,19 +31,17 @@ OUT_OF_RANGE = [
 @pytest.fixture(scope="module")
 def schema_dsn(module_pg_dsn: str) -> str:
     """A database where the schema was created twice."""
-    connection = preprocessing.connect(module_pg_dsn)
-    try:
-        preprocessing.create_schema(connection)
-        preprocessing.create_schema(connection)
-    finally:
-        connection.close()
+    with db.connected(module_pg_dsn) as connection:
+        db.create_schema(connection)
+        db.create_schema(connection)
+    db.init_database(module_pg_dsn)
     return module_pg_dsn
 
 
 @pytest.fixture
 def cursor(schema_dsn: str) -> Iterator[psycopg2.extensions.cursor]:
     """A cursor whose work is rolled back after the test."""
-    connection = preprocessing.connect(schema_dsn)
+    connection = db.connect(schema_dsn)
     try:
         with connection.cursor() as cursor:
             yield cursor
@@ -113,3 +113,18 @@ def test_one_active_job_per_playlist(cursor: psycopg2.extensions.cursor) -> None
     with pytest.raises(errors.UniqueViolation):
         cursor.execute("INSERT INTO recommendation_jobs (playlist_id, k, status) "
                        "VALUES (1, 5, 'running')")
+
+
+def test_sql_limits_on_k_and_rank_agree_with_max_k(cursor: psycopg2.extensions.cursor) -> None:
+    for table, column in (("recommendation_jobs", "k"), ("recommendations", "rank")):
+        cursor.execute("SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+                       "WHERE conrelid = %s::regclass AND conname = %s",
+                       (table, f"{table}_{column}_check"))
+        definition = cursor.fetchone()[0]
+        assert re.findall(r"\d+", definition) == ["1", str(MAX_K)], definition
+    cursor.execute("SELECT request_recommendations(1, %s)", (MAX_K,))
+    for k in (0, MAX_K + 1):
+        cursor.execute("SAVEPOINT attempt")
+        with pytest.raises(errors.InvalidParameterValue, match=f"between 1 and {MAX_K}"):
+            cursor.execute("SELECT request_recommendations(2, %s)", (k,))
+        cursor.execute("ROLLBACK TO SAVEPOINT attempt")

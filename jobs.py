@@ -1,0 +1,515 @@
+"""The durable recommendation queue: every job and result statement behind a small function, and
+the worker threads that claim, score and store jobs, woken by LISTEN/NOTIFY.
+
+The database host enqueues a playlist (``SELECT request_recommendations(42)`` or the HTTP API);
+worker threads in every service process claim due jobs with ``FOR UPDATE SKIP LOCKED``, score
+them and store the top-k together with the job's new state in one transaction. (job_id,
+attempts) fences every update, so a worker whose lease expired never overwrites the new owner.
+Nothing here knows about HTTP or Flask.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol, TypeVar
+
+import psycopg2
+from prometheus_client import Counter, Gauge, Histogram
+from psycopg2.extensions import connection as Connection
+from psycopg2.extensions import cursor as Cursor
+
+from config import Settings
+from db import (
+    DATABASE_ERRORS,
+    Backoff,
+    Database,
+    DatabaseUnavailable,
+    connect,
+    connection_options,
+    fetch_one,
+    first_line,
+    read_playlists,
+    sql_text,
+)
+
+log = logging.getLogger("bert4musicrec.service")
+
+T = TypeVar("T")
+
+JOB_OUTCOMES = Counter("b4mr_job_outcomes_total",
+                       "Job outcomes: done, retry, failed, lost_lease, released, reclaimed.",
+                       ["outcome"])
+JOB_BATCH_SECONDS = Histogram("b4mr_job_batch_seconds",
+                              "Time to score and store one claimed batch of jobs.")
+QUEUE_DEPTH = Gauge("b4mr_queue_depth", "Open jobs by status, read when /metrics is scraped.",
+                    ["status"], multiprocess_mode="mostrecent")
+
+
+class Result(Protocol):
+    """One playlist's answer from the model (recommender.Recommendation)."""
+
+    song_ids: list[int]
+    scores: list[float]
+    unknown_song_ids: list[int]
+
+
+class Scorer(Protocol):
+    """What the queue needs of a model: recommender.Recommender, or a test double."""
+
+    model_version: str
+
+    def recommend(self, playlists: Sequence[Sequence[int]], k: int = ...,
+                  exclude_seen: bool = ...) -> Sequence[Result]:
+        """Top-k catalog song ids for each playlist."""
+        ...
+
+
+# -- rows ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job this worker holds; (job_id, attempts) is its fencing token."""
+
+    job_id: int
+    playlist_id: int
+    k: int
+    attempts: int
+
+
+@dataclass(frozen=True)
+class JobState:
+    """A job row as GET /jobs/<job_id> shows it."""
+
+    job_id: int
+    playlist_id: int
+    k: int
+    status: str
+    attempts: int
+    last_error: str | None
+    run_after: datetime
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A job that could not be scored, with the reason stored in ``last_error``."""
+
+    job: ClaimedJob
+    reason: str
+    permanent: bool
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """Top-k catalog song ids with scores for one playlist."""
+
+    playlist_id: int
+    song_ids: list[int]
+    scores: list[float]
+
+
+@dataclass(frozen=True)
+class StoredRanking:
+    """A playlist's stored top-k with the model version and the newest write time."""
+
+    playlist_id: int
+    model_version: str
+    created_at: datetime
+    song_ids: list[int]
+    scores: list[float]
+
+
+# -- statements ---------------------------------------------------------------------------------
+
+
+def enqueue(cursor: Cursor, playlist_id: int, k: int) -> int:
+    """Commit-ready job for a playlist (or its already open one); returns the job id."""
+    cursor.execute(sql_text("jobs_enqueue"), {"playlist_id": playlist_id, "k": k})
+    return int(fetch_one(cursor)[0])
+
+
+def get(cursor: Cursor, job_id: int) -> JobState | None:
+    """One job's state, or None."""
+    cursor.execute(sql_text("jobs_get"), {"job_id": job_id})
+    row = cursor.fetchone()
+    return None if row is None else JobState(*row)
+
+
+def claim(cursor: Cursor, worker: str, lease_seconds: float, batch_size: int) -> list[ClaimedJob]:
+    """Claim up to ``batch_size`` due jobs for ``worker`` under a lease."""
+    cursor.execute(sql_text("jobs_claim"), {"worker": worker, "lease_seconds": lease_seconds,
+                                            "batch_size": batch_size})
+    return [ClaimedJob(*row) for row in cursor.fetchall()]
+
+
+def complete(cursor: Cursor, claimed: Sequence[ClaimedJob]) -> set[int]:
+    """Mark jobs done where the claim is still ours; the ids that were."""
+    cursor.execute(sql_text("jobs_complete"), _tokens(claimed))
+    return {row[0] for row in cursor.fetchall()}
+
+
+def fail(cursor: Cursor, failures: Sequence[Failure], settings: Settings) -> dict[int, str]:
+    """Record failures (queued again with backoff, or failed); job id -> its new status."""
+    cursor.execute(sql_text("jobs_fail"), {
+        "job_ids": [failure.job.job_id for failure in failures],
+        "attempts": [failure.job.attempts for failure in failures],
+        "reasons": [failure.reason for failure in failures],
+        "permanent": [failure.permanent for failure in failures],
+        "max_attempts": settings.max_attempts,
+        "retry_base_seconds": settings.retry_base_seconds,
+        "retry_max_seconds": settings.retry_max_seconds,
+    })
+    return {job_id: status for job_id, status in cursor.fetchall()}
+
+
+def release(cursor: Cursor, claimed: Sequence[ClaimedJob]) -> int:
+    """Give claimed jobs back without counting the attempt (shutdown); how many were ours."""
+    cursor.execute(sql_text("jobs_release"), _tokens(claimed))
+    return cursor.rowcount
+
+
+def reclaim(cursor: Cursor, max_attempts: int) -> dict[int, str]:
+    """Requeue (or fail) jobs whose lease expired; job id -> its new status."""
+    cursor.execute(sql_text("jobs_reclaim"), {"max_attempts": max_attempts})
+    return {job_id: status for job_id, status in cursor.fetchall()}
+
+
+def depth(cursor: Cursor) -> dict[str, int]:
+    """Number of queued and running jobs (both present, 0 when none)."""
+    cursor.execute(sql_text("jobs_depth"))
+    counts = {status: int(count) for status, count in cursor.fetchall()}
+    return {status: counts.get(status, 0) for status in ("queued", "running")}
+
+
+def prune(cursor: Cursor, older_than_seconds: float, limit: int) -> int:
+    """Delete up to ``limit`` done or failed jobs that ended long ago; how many."""
+    cursor.execute(sql_text("jobs_prune"), {"older_than_seconds": older_than_seconds,
+                                            "limit": limit})
+    return cursor.rowcount
+
+
+def listen(cursor: Cursor) -> None:
+    """Subscribe this (autocommit) connection to the queue's notifications."""
+    cursor.execute(sql_text("jobs_listen"))
+
+
+def store_rankings(cursor: Cursor, rankings: Sequence[Ranked], model_version: str) -> None:
+    """Replace the stored top-k of these playlists (ranks beyond the new length are deleted)."""
+    if not rankings:
+        return
+    cursor.execute(sql_text("recommendations_trim"), {
+        "playlist_ids": [item.playlist_id for item in rankings],
+        "counts": [len(item.song_ids) for item in rankings],
+    })
+    rows = [(item.playlist_id, rank, song_id, score) for item in rankings
+            for rank, (song_id, score) in enumerate(zip(item.song_ids, item.scores, strict=True),
+                                                    start=1)]
+    if rows:
+        playlist_ids, ranks, song_ids, scores = (list(column) for column in zip(*rows,
+                                                                                strict=True))
+        cursor.execute(sql_text("recommendations_store"), {
+            "playlist_ids": playlist_ids, "ranks": ranks, "song_ids": song_ids,
+            "scores": scores, "model_version": model_version,
+        })
+
+
+def stored_ranking(cursor: Cursor, playlist_id: int) -> StoredRanking | None:
+    """The stored top-k of a playlist, best first, or None when there is none."""
+    cursor.execute(sql_text("recommendations_read"), {"playlist_id": playlist_id})
+    rows = cursor.fetchall()
+    if not rows:
+        return None
+    return StoredRanking(playlist_id, rows[0][3], max(row[4] for row in rows),
+                         [row[1] for row in rows], [row[2] for row in rows])
+
+
+def _tokens(claimed: Sequence[ClaimedJob]) -> dict[str, list[int]]:
+    """The fencing tokens of claimed jobs as statement parameters."""
+    return {"job_ids": [job.job_id for job in claimed],
+            "attempts": [job.attempts for job in claimed]}
+
+
+# -- scoring ------------------------------------------------------------------------------------
+
+
+def ranked(playlist_id: int, result: Result) -> Ranked:
+    """Keep the finite-scored songs of a model answer, in rank order."""
+    pairs = [(int(song), float(score))
+             for song, score in zip(result.song_ids, result.scores, strict=True)
+             if math.isfinite(float(score))]
+    return Ranked(playlist_id, [song for song, _ in pairs], [score for _, score in pairs])
+
+
+def score_playlists(scorer: Scorer, playlists: Sequence[tuple[int, list[int]]], k: int,
+                    exclude_seen: bool = True) -> list[Ranked]:
+    """Score several playlists in one model call."""
+    results = scorer.recommend([songs for _, songs in playlists], k=k, exclude_seen=exclude_seen)
+    return [ranked(playlist_id, result)
+            for (playlist_id, _), result in zip(playlists, results, strict=True)]
+
+
+# -- worker threads -----------------------------------------------------------------------------
+
+
+class WakeUp:
+    """A counter that workers wait on; LISTEN notifications and reclaims bump it."""
+
+    def __init__(self) -> None:
+        """Start at generation 0."""
+        self._condition = threading.Condition()
+        self._generation = 0
+
+    @property
+    def generation(self) -> int:
+        """The current generation; pass it to ``wait`` to not miss a wake-up in between."""
+        with self._condition:
+            return self._generation
+
+    def notify(self) -> None:
+        """Wake every waiting worker."""
+        with self._condition:
+            self._generation += 1
+            self._condition.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> None:
+        """Sleep until the generation moves past ``seen`` or ``timeout`` seconds pass."""
+        with self._condition:
+            self._condition.wait_for(lambda: self._generation != seen, timeout)
+
+
+Finished = list[tuple[ClaimedJob, Ranked]]
+
+
+class QueueWorkers:
+    """A bounded pool of threads that claim, score and store jobs, plus one LISTEN thread."""
+
+    def __init__(self, settings: Settings, database: Database, scorer: Scorer) -> None:
+        """Prepare the threads; ``start`` launches them."""
+        self.settings = settings
+        self.database = database
+        self.recommender = scorer
+        self._stopping = threading.Event()
+        self._wake = WakeUp()
+        self._threads: list[threading.Thread] = []
+        self._started_pid = 0
+        self._lock = threading.Lock()
+
+    @property
+    def running(self) -> bool:
+        """True while this process's worker threads run."""
+        return any(thread.is_alive() for thread in self._threads)
+
+    def start(self) -> None:
+        """Start the worker threads in this process (a no-op if they already run here)."""
+        with self._lock:
+            if self._started_pid == os.getpid() and self.running:
+                return
+            self._stopping.clear()
+            self._started_pid = os.getpid()
+            identity = f"{socket.gethostname()}:{os.getpid()}"
+            self._threads = [threading.Thread(target=self._listen, name="b4mr-listen",
+                                              daemon=True)]
+            for index in range(self.settings.job_threads):
+                self._threads.append(threading.Thread(
+                    target=self._work, args=(f"{identity}:{index}",),
+                    name=f"b4mr-worker-{index}", daemon=True))
+            for thread in self._threads:
+                thread.start()
+        log.info("started %d queue worker threads", self.settings.job_threads)
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop claiming, finish the batches in hand, and wait; True when every thread ended."""
+        self._stopping.set()
+        self._wake.notify()
+        deadline = time.monotonic() + (self.settings.shutdown_seconds if timeout is None
+                                       else timeout)
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        stopped = not self.running
+        if not stopped:
+            log.warning("queue workers still busy at shutdown; their leases will expire")
+        return stopped
+
+    def _work(self, name: str) -> None:
+        """Claim and process batches until stopped; back off while the database is away."""
+        backoff = Backoff()
+        while not self._stopping.is_set():
+            seen = self._wake.generation
+            try:
+                handled = self.process_batch(name)
+                backoff.reset()
+            except DatabaseUnavailable as error:
+                log.warning("worker %s: database unavailable (%s); retrying", name, error)
+                self._stopping.wait(backoff.next())
+                continue
+            except Exception:
+                log.exception("worker %s: unexpected error; retrying", name)
+                self._stopping.wait(backoff.next())
+                continue
+            if handled == 0:
+                self._wake.wait(seen, self.settings.poll_seconds)
+
+    def process_batch(self, name: str) -> int:
+        """Claim up to a batch of due jobs, score them and store the outcome; return the count."""
+        settings = self.settings
+        claimed = self.database.run(
+            lambda cursor: claim(cursor, name, settings.lease_seconds, settings.job_batch_size))
+        if not claimed:
+            return 0
+        started = time.monotonic()
+        deadline = started + 0.9 * settings.lease_seconds
+        if self._stopping.is_set():
+            self._release(claimed)
+            return len(claimed)
+        ids = [job.playlist_id for job in claimed]
+        playlists = self._until(deadline, lambda: self.database.run(
+            lambda cursor: read_playlists(cursor, ids)))
+        if playlists is None:
+            return len(claimed)
+        finished, failures = self._score(claimed, playlists)
+        self._until(deadline, lambda: self._store(finished, failures))
+        JOB_BATCH_SECONDS.observe(time.monotonic() - started)
+        return len(claimed)
+
+    def _until(self, deadline: float, action: Callable[[], T]) -> T | None:
+        """Retry a database action with backoff until it succeeds, the lease runs out or stop."""
+        backoff = Backoff()
+        while True:
+            try:
+                return action()
+            except DatabaseUnavailable as error:
+                if self._stopping.is_set() or time.monotonic() >= deadline:
+                    log.warning("giving up on a claimed batch (%s); its lease will expire",
+                                error)
+                    return None
+                log.warning("database unavailable while holding jobs (%s); retrying", error)
+                time.sleep(min(backoff.next(), max(0.0, deadline - time.monotonic())))
+
+    def _score(self, claimed: list[ClaimedJob], playlists: dict[int, list[int]],
+               ) -> tuple[Finished, list[Failure]]:
+        """Score every job whose playlist exists, one model call per distinct k."""
+        finished: Finished = []
+        failures = [Failure(job, "playlist not found", permanent=True)
+                    for job in claimed if job.playlist_id not in playlists]
+        by_k: dict[int, list[ClaimedJob]] = {}
+        for job in claimed:
+            if job.playlist_id in playlists:
+                by_k.setdefault(job.k, []).append(job)
+        for k, group in by_k.items():
+            try:
+                rankings = score_playlists(
+                    self.recommender, [(job.playlist_id, playlists[job.playlist_id])
+                                       for job in group], k=k)
+            except Exception as error:
+                log.exception("model failed on a batch of %d jobs", len(group))
+                reason = f"model error: {type(error).__name__}: {first_line(error)}"
+                failures.extend(Failure(job, reason, permanent=False) for job in group)
+                continue
+            finished.extend(zip(group, rankings, strict=True))
+        return finished, failures
+
+    def _store(self, finished: Finished, failures: list[Failure]) -> None:
+        """Store results and failures in one transaction; job by job if a row is refused."""
+        def write(items: Finished, failed: list[Failure], retries: int = 0) -> dict[str, int]:
+            return self.database.run(lambda cursor: self._write(cursor, items, failed), retries)
+
+        try:
+            outcomes = write(finished, failures)
+        except (psycopg2.IntegrityError, psycopg2.DataError):
+            log.exception("storing a batch failed; storing its jobs one by one")
+            outcomes = {}
+            for item in finished:
+                try:
+                    single = write([item], [])
+                except (psycopg2.IntegrityError, psycopg2.DataError) as error:
+                    reason = f"storing the result failed: {first_line(error)}"
+                    single = write([], [Failure(item[0], reason, permanent=False)], retries=1)
+                _merge(outcomes, single)
+            if failures:
+                _merge(outcomes, write([], failures, retries=1))
+        for outcome, count in outcomes.items():
+            JOB_OUTCOMES.labels(outcome).inc(count)
+
+    def _write(self, cursor: Cursor, finished: Finished,
+               failures: list[Failure]) -> dict[str, int]:
+        """Mark owned jobs done with their results, record failures; return outcome counts."""
+        outcomes: dict[str, int] = {}
+        if finished:
+            owned = complete(cursor, [job for job, _ in finished])
+            store_rankings(cursor, [ranking for job, ranking in finished if job.job_id in owned],
+                           self.recommender.model_version)
+            outcomes["done"] = len(owned)
+            outcomes["lost_lease"] = len(finished) - len(owned)
+        if failures:
+            for status in fail(cursor, failures, self.settings).values():
+                key = "failed" if status == "failed" else "retry"
+                outcomes[key] = outcomes.get(key, 0) + 1
+        return outcomes
+
+    def _release(self, claimed: list[ClaimedJob]) -> None:
+        """Give claimed jobs back to the queue without counting the attempt (shutdown)."""
+        try:
+            JOB_OUTCOMES.labels("released").inc(
+                self.database.run(lambda cursor: release(cursor, claimed)))
+        except DatabaseUnavailable as error:
+            log.warning("could not release %d jobs (%s); their leases will expire",
+                        len(claimed), error)
+
+    def _listen(self) -> None:
+        """Wake workers on NOTIFY and reclaim expired leases; reconnect with backoff."""
+        backoff = Backoff()
+        while not self._stopping.is_set():
+            connection = None
+            try:
+                connection = connect(self.database.dsn,
+                                     **connection_options(self.settings.db_connect_timeout))
+                connection.autocommit = True
+                with connection.cursor() as cursor:
+                    listen(cursor)
+                backoff.reset()
+                self._wake.notify()
+                self._listen_on(connection)
+            except DATABASE_ERRORS as error:
+                log.warning("LISTEN connection lost (%s); reconnecting", first_line(error))
+                self._stopping.wait(backoff.next())
+            except Exception:
+                log.exception("LISTEN thread error; reconnecting")
+                self._stopping.wait(backoff.next())
+            finally:
+                if connection is not None:
+                    connection.close()
+
+    def _listen_on(self, connection: Connection) -> None:
+        """Wait for notifications on one connection; reclaim expired leases meanwhile."""
+        while not self._stopping.is_set():
+            with connection.cursor() as cursor:
+                reclaimed = reclaim(cursor, self.settings.max_attempts)
+            if reclaimed:
+                log.warning("reclaimed %d jobs whose lease expired", len(reclaimed))
+                JOB_OUTCOMES.labels("reclaimed").inc(len(reclaimed))
+                self._wake.notify()
+            readable, _, _ = select.select([connection], [], [],
+                                           min(self.settings.poll_seconds, 0.5))
+            if readable:
+                connection.poll()
+                if connection.notifies:
+                    connection.notifies.clear()
+                    self._wake.notify()
+
+
+def _merge(total: dict[str, int], part: dict[str, int]) -> None:
+    """Add outcome counts into ``total``."""
+    for key, value in part.items():
+        total[key] = total.get(key, 0) + value
