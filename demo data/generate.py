@@ -1,4 +1,4 @@
-"""Generate the seeded demo tables of Bert4MusicRec: artists, albums, songs and playlists.
+"""Generate the seeded tables of Bert4MusicRec at any scale: artists, albums, songs, playlists.
 
 The process is built so that a sequence model with side information has something to learn
 that neither a popularity count nor a one-step transition table captures: every playlist has
@@ -6,26 +6,46 @@ a fixed set of genre themes and a few core artists per theme, it drifts between 
 and it contains album runs and artist runs. Song frequencies are long-tailed, so rare songs
 are learnable mainly through their album, artist and audio features.
 
-Usage: python "demo data/generate.py" [--out DIR] [--seed N]
+Playlists are made one after another from one random stream and kept on disk in chunks, so
+memory grows with the catalog, not with the number of playlist entries. The tables go to
+CSV files (--out) or into PostgreSQL with COPY in one transaction (--database).
+
+Usage: python "demo data/generate.py" [--scale demo|full|mpd] [--playlists N] [--songs N]
+       [--albums N] [--artists N] [--out DIR | --database DSN] [--seed N] [--chunk-rows N]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import itertools
+import json
+import resource
+import sys
+import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
+import psycopg2
+from psycopg2 import sql
 
 DEFAULT_SEED = 20261128
-N_PLAYLISTS = 3000
-N_ARTISTS = 2400
+DEFAULT_CHUNK_ROWS = 250_000
 SEQUENCE_GENRE = "indie folk"
 SEQUENCE_LENGTH = 15
+# Redraws of a taken artist name before a numbered variant is used; the demo needs at most 7.
+NAME_TRIES = 20
+# An album is a single below the first bound of a uniform draw, an EP of 2-4 tracks below the
+# second and an LP of 6-16 tracks above it; the means of those EP and LP sizes.
+KIND_BOUNDS = (0.58, 0.87)
+EP_MEAN, LP_MEAN = 3.0, 11.0
+SCHEMA_FILE = Path(__file__).resolve().parents[1] / "sql" / "schema.sql"
+TABLES = ("artists", "albums", "songs", "playlists", "playlist_songs")
 
 UNIT_FEATURES = (
     "danceability",
@@ -42,6 +62,40 @@ SONG_COLUMNS = (
     "valence", "tempo", "duration_ms", "time_signature", "disc_number", "track_number",
 )
 
+
+@dataclass(frozen=True)
+class Scale:
+    """Sizes of one dataset: the catalog drawn, the playlists and their median length.
+
+    albums or songs None means they are drawn artist by artist and album by album, as the
+    demo always was; a number means the counts are drawn with the same shape, then fitted
+    to exactly that total.
+    """
+
+    playlists: int
+    artists: int
+    albums: int | None
+    songs: int | None
+    median_length: float
+
+
+# The original's catalog, and the Spotify Million Playlist Dataset. A lognormal median of
+# 57.4 gives the Million Playlist mean of 66.3 songs per playlist after clipping to [5, 250].
+SCALES = {
+    "demo": Scale(playlists=3000, artists=2400, albums=None, songs=None, median_length=40.0),
+    "full": Scale(playlists=305_000, artists=12_561, albums=22_152, songs=116_293,
+                  median_length=57.4),
+    "mpd": Scale(playlists=1_000_000, artists=295_860, albums=734_684, songs=2_262_292,
+                 median_length=57.4),
+}
+
+
+class OptionError(ValueError):
+    """An option the generator cannot honour; option names it, as the command line spells it."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option}: {message}")
+        self.option = option
 
 @dataclass(frozen=True)
 class Genre:
@@ -177,7 +231,7 @@ def pick(rng: np.random.Generator, words: Sequence[str]) -> str:
 
 def draw(rng: np.random.Generator, cumulative: np.ndarray) -> int:
     """Draw one index with probability proportional to the increments of a cumulative sum."""
-    index = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+    index = int(cumulative.searchsorted(rng.random() * cumulative[-1], side="right"))
     return min(index, len(cumulative) - 1)
 
 
@@ -289,35 +343,121 @@ class Catalog:
     features: dict[str, np.ndarray]
 
 
-def make_artists(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_artists(
+    rng: np.random.Generator, n_artists: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw each artist's main genre, optional second genre and Zipf-like popularity."""
     shares = np.array([genre.share for genre in GENRES])
     artist_genre_p = shares**0.6 / np.sum(shares**0.6)
-    main = rng.choice(len(GENRES), size=N_ARTISTS, p=artist_genre_p)
+    main = rng.choice(len(GENRES), size=n_artists, p=artist_genre_p)
     affinity = genre_affinity()
-    second = np.full(N_ARTISTS, -1)
-    for artist in range(N_ARTISTS):
+    second = np.full(n_artists, -1)
+    for artist in range(n_artists):
         if rng.random() < 0.2:
             weights = affinity[main[artist]] * shares
             second[artist] = rng.choice(len(GENRES), p=weights / weights.sum())
-    ranks = rng.permutation(N_ARTISTS) + 1
+    ranks = rng.permutation(n_artists) + 1
     popularity = ranks.astype(float) ** -0.7
     return main, second, popularity
 
 
-def make_catalog(rng: np.random.Generator) -> Catalog:
+def unique_artist_name(
+    rng: np.random.Generator, genre: Genre, taken: set[str], numbered: dict[str, int]
+) -> str:
+    """Draw an artist name not yet taken; once the name space runs dry, number a variant.
+
+    The word lists hold about 50,000 names, fewer than a Million-Playlist-size catalog needs.
+    """
+    name = artist_name(rng, genre)
+    for _ in range(NAME_TRIES):
+        if name not in taken:
+            return name
+        name = artist_name(rng, genre)
+    number = numbered.get(name, 1)
+    variant = name
+    while variant in taken:
+        number += 1
+        variant = f"{name} ({number})"
+    numbered[name] = number
+    return variant
+
+
+def fit_total(rng: np.random.Generator, counts: np.ndarray, total: int) -> np.ndarray:
+    """Add or remove single units at random, in proportion to size, until counts sum to total.
+
+    Every count stays at least 1, so total must be at least counts.size.
+    """
+    counts = counts.astype(np.int64)
+    while (gap := total - int(counts.sum())) != 0:
+        weights = counts if gap > 0 else counts - 1
+        picks = rng.choice(counts.size, size=abs(gap), p=weights / weights.sum())
+        change = np.bincount(picks, minlength=counts.size)
+        counts = counts + change if gap > 0 else counts - np.minimum(change, counts - 1)
+    return counts
+
+
+def plan_albums(
+    rng: np.random.Generator, scale: Scale, pop_quantile: np.ndarray
+) -> np.ndarray | None:
+    """Albums per artist when a total is asked for; None: drawn artist by artist (the demo).
+
+    The demo's shape, 1 + Poisson(0.2 + 2 q^3) for popularity quantile q, is scaled to the
+    asked mean; with only --songs given the demo's counts are kept (capped by --songs).
+    """
+    extra = 0.2 + 2.0 * pop_quantile**3
+    if scale.albums is not None:
+        extra *= (scale.albums / scale.artists - 1.0) / extra.mean()
+        return fit_total(rng, 1 + rng.poisson(extra), scale.albums)
+    if scale.songs is not None:
+        counts = np.minimum(5, 1 + rng.poisson(extra))
+        return fit_total(rng, counts, min(int(counts.sum()), scale.songs))
+    return None
+
+
+def plan_tracks(rng: np.random.Generator, scale: Scale, n_albums: int) -> np.ndarray | None:
+    """Tracks per album when --songs is given; None: drawn album by album (the demo).
+
+    Singles, EPs and LPs keep the demo's ratio of singles to EPs; the LP share moves so the
+    mean matches songs / albums, and the fit makes the total exact.
+    """
+    if scale.songs is None:
+        return None
+    single, ep = KIND_BOUNDS[0], KIND_BOUNDS[1] - KIND_BOUNDS[0]
+    short_mean = (single + ep * EP_MEAN) / (single + ep)
+    lp = float(np.clip((scale.songs / n_albums - short_mean) / (LP_MEAN - short_mean), 0, 1))
+    p = np.array([single, ep]) / (single + ep) * (1.0 - lp)
+    kind = rng.choice(3, size=n_albums, p=[p[0], p[1], lp])
+    counts = np.where(kind == 0, 1, np.where(kind == 1, rng.integers(2, 5, size=n_albums),
+                                            rng.integers(6, 17, size=n_albums)))
+    return fit_total(rng, counts, scale.songs)
+
+
+def draw_tracks(rng: np.random.Generator) -> int:
+    """Draw one album's track count: a single, an EP of 2-4 or an LP of 6-16 tracks."""
+    kind = rng.random()
+    if kind < KIND_BOUNDS[0]:
+        return 1
+    if kind < KIND_BOUNDS[1]:
+        return int(rng.integers(2, 5))
+    return int(rng.integers(6, 17))
+
+
+def make_catalog(rng: np.random.Generator, scale: Scale) -> Catalog:
     """Build artists, their albums and the songs of each album, with audio features."""
-    artist_genre, artist_second, artist_pop = make_artists(rng)
+    n_artists = scale.artists
+    artist_genre, artist_second, artist_pop = make_artists(rng, n_artists)
     artist_names: list[str] = []
     taken: set[str] = set()
-    for artist in range(N_ARTISTS):
-        name = artist_name(rng, GENRES[artist_genre[artist]])
-        while name in taken:
-            name = artist_name(rng, GENRES[artist_genre[artist]])
+    numbered: dict[str, int] = {}
+    for artist in range(n_artists):
+        name = unique_artist_name(rng, GENRES[artist_genre[artist]], taken, numbered)
         taken.add(name)
         artist_names.append(name)
-    artist_start = np.clip(rng.normal(2005, 12, size=N_ARTISTS), 1960, 2022).astype(int)
-    pop_quantile = np.argsort(np.argsort(artist_pop)) / (N_ARTISTS - 1)
+    artist_start = np.clip(rng.normal(2005, 12, size=n_artists), 1960, 2022).astype(int)
+    pop_quantile = np.argsort(np.argsort(artist_pop)) / (n_artists - 1)
+    albums_per_artist = plan_albums(rng, scale, pop_quantile)
+    tracks_per_album = (None if albums_per_artist is None
+                        else plan_tracks(rng, scale, int(albums_per_artist.sum())))
 
     album_artist: list[int] = []
     album_genre: list[int] = []
@@ -328,21 +468,19 @@ def make_catalog(rng: np.random.Generator) -> Catalog:
     song_disc: list[int] = []
     song_track: list[int] = []
     song_factor: list[float] = []
-    for artist in range(N_ARTISTS):
-        n_albums = min(5, 1 + int(rng.poisson(0.2 + 2.0 * pop_quantile[artist] ** 3)))
+    for artist in range(n_artists):
+        if albums_per_artist is None:
+            n_albums = min(5, 1 + int(rng.poisson(0.2 + 2.0 * pop_quantile[artist] ** 3)))
+        else:
+            n_albums = int(albums_per_artist[artist])
         year = int(artist_start[artist])
         for _ in range(n_albums):
             genre = int(artist_genre[artist])
             if artist_second[artist] >= 0 and rng.random() < 0.3:
                 genre = int(artist_second[artist])
-            kind = rng.random()
-            if kind < 0.58:
-                n_tracks = 1
-            elif kind < 0.87:
-                n_tracks = int(rng.integers(2, 5))
-            else:
-                n_tracks = int(rng.integers(6, 17))
             album = len(album_artist)
+            n_tracks = (draw_tracks(rng) if tracks_per_album is None
+                        else int(tracks_per_album[album]))
             album_artist.append(artist)
             album_genre.append(genre)
             album_year.append(min(year, 2025))
@@ -373,7 +511,7 @@ def make_catalog(rng: np.random.Generator) -> Catalog:
     song_genre = album_genre_arr[song_album_arr]
     song_names = [song_name(rng, GENRES[genre]) for genre in song_genre]
     return Catalog(
-        artist_ids=gappy_ids(rng, N_ARTISTS, 5000, 9),
+        artist_ids=gappy_ids(rng, n_artists, 5000, 9),
         artist_names=artist_names,
         artist_genre=artist_genre,
         artist_second_genre=artist_second,
@@ -475,19 +613,25 @@ class Pools:
 
 
 def make_pools(catalog: Catalog) -> Pools:
-    """Index the catalog for fast popularity-weighted draws while generating playlists."""
+    """Index the catalog for fast popularity-weighted draws while generating playlists.
+
+    Songs are stored album by album and albums artist by artist, so every per-album and
+    per-artist list is a contiguous range found by one search, not a scan per entry.
+    """
     n_albums = catalog.album_ids.size
     n_artists = catalog.artist_ids.size
     song_genre = catalog.album_genre[catalog.song_album]
-    album_songs = [np.flatnonzero(catalog.song_album == album) for album in range(n_albums)]
+    album_bounds = np.searchsorted(catalog.song_album, np.arange(n_albums + 1))
+    album_songs = [np.arange(album_bounds[a], album_bounds[a + 1]) for a in range(n_albums)]
     album_pop = np.array([catalog.song_popularity[songs].sum() for songs in album_songs])
-    album_size = np.array([songs.size for songs in album_songs])
+    album_size = np.diff(album_bounds)
     song_artist = catalog.album_artist[catalog.song_album]
     order = np.argsort(song_artist, kind="stable")
     bounds = np.searchsorted(song_artist[order], np.arange(n_artists + 1))
     artist_songs = [order[bounds[a]:bounds[a + 1]] for a in range(n_artists)]
-    artist_albums = [np.flatnonzero((catalog.album_artist == a) & (album_size > 1))
-                     for a in range(n_artists)]
+    multi_track = np.flatnonzero(album_size > 1)
+    artist_albums = np.split(multi_track, np.searchsorted(catalog.album_artist[multi_track],
+                                                          np.arange(1, n_artists)))
 
     genre_songs, genre_albums, genre_artists = [], [], []
     for genre in range(len(GENRES)):
@@ -495,6 +639,11 @@ def make_pools(catalog: Catalog) -> Pools:
         genre_albums.append(np.flatnonzero((catalog.album_genre == genre) & (album_size > 1)))
         members = (catalog.artist_genre == genre) | (catalog.artist_second_genre == genre)
         genre_artists.append(np.flatnonzero(members))
+    for genre, albums in zip(GENRES, genre_albums, strict=True):
+        if not albums.size or album_size[albums].max() < 3:
+            raise OptionError("--artists", f"the catalog is too small: genre {genre.name!r} "
+                            "has no album of three or more tracks; ask for more artists, "
+                            "albums or songs")
     return Pools(
         genre_songs=genre_songs,
         genre_song_cdf=[np.cumsum(catalog.song_popularity[s]) for s in genre_songs],
@@ -586,20 +735,101 @@ def make_playlist(
     return songs
 
 
-def make_playlists(
-    rng: np.random.Generator, pools: Pools
-) -> tuple[list[list[int]], list[str]]:
-    """Generate all playlists, lengths lognormal (a few long-tailed) in [5, 250], and names."""
+class Progress:
+    """Progress of one long step on stderr: redrawn in place on a terminal, else plain lines.
+
+    Plain lines come at every tenth of the total, so a log file gets ten, not thousands.
+    """
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label = label
+        self.total = total
+        self.started = time.perf_counter()
+        self.terminal = sys.stderr.isatty()
+        self.next_tenth = 1
+
+    def update(self, done: int) -> None:
+        """Report that done of total are finished."""
+        line = (f"{self.label}: {done:,}/{self.total:,} ({100 * done // self.total}%) "
+                f"{time.perf_counter() - self.started:.0f} s")
+        if self.terminal:
+            print(f"\r{line}", end="" if done < self.total else "\n", file=sys.stderr, flush=True)
+        elif done * 10 >= self.next_tenth * self.total:
+            print(line, file=sys.stderr, flush=True)
+            self.next_tenth = done * 10 // self.total + 1
+
+
+class Spool:
+    """Playlists as they are made, kept on disk: song indices (int32) in one file, names in another.
+
+    The playlist ids are drawn after the last playlist (the demo's draw order), so the rows
+    are written in a second pass; memory holds one chunk of rows and one length per playlist.
+    """
+
+    def __init__(self, folder: Path, n_playlists: int, n_songs: int, chunk_rows: int) -> None:
+        self.songs_path = folder / "playlist_songs.i32"
+        self.names_path = folder / "playlist_names.txt"
+        self.chunk_rows = chunk_rows
+        self.lengths = np.zeros(n_playlists, dtype=np.int64)
+        self.used = np.zeros(n_songs, dtype=bool)
+        self.count = 0
+        self._songs: list[int] = []
+        self._names: list[str] = []
+        self._songs_file = self.songs_path.open("wb")
+        self._names_file = self.names_path.open("w", encoding="utf-8", newline="\n")
+
+    def add(self, songs: list[int], name: str) -> None:
+        """Append one playlist; write the buffered ones out once a chunk of rows is full."""
+        self.lengths[self.count] = len(songs)
+        self.count += 1
+        self._songs.extend(songs)
+        self._names.append(name)
+        if len(self._songs) >= self.chunk_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered playlists to the files and mark their songs as used."""
+        chunk = np.array(self._songs, dtype=np.int32)
+        self.used[chunk] = True
+        chunk.tofile(self._songs_file)
+        self._names_file.write("".join(f"{name}\n" for name in self._names))
+        self._songs.clear()
+        self._names.clear()
+
+    def close(self) -> None:
+        """Write what is buffered and close both files."""
+        self.flush()
+        self._songs_file.close()
+        self._names_file.close()
+
+    def names(self) -> Iterator[str]:
+        """The playlist names in order."""
+        with self.names_path.open(encoding="utf-8", newline="\n") as handle:
+            for line in handle:
+                yield line.removesuffix("\n")
+
+    def song_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, song indices) of chunk_rows rows at a time, cutting across playlists."""
+        total = int(self.lengths.sum())
+        for start in range(0, total, self.chunk_rows):
+            count = min(self.chunk_rows, total - start)
+            yield start, np.fromfile(self.songs_path, dtype=np.int32, count=count,
+                                     offset=start * 4)
+
+
+def make_playlists(rng: np.random.Generator, pools: Pools, scale: Scale, spool: Spool) -> None:
+    """Generate every playlist into the spool, lengths lognormal (a few long-tailed) in [5, 250]."""
     affinity = genre_affinity()
-    spread = np.where(rng.random(N_PLAYLISTS) < 0.08, 1.0, 0.5)
-    lengths = np.clip(np.round(rng.lognormal(np.log(40.0), spread)), 5, 250)
-    playlists: list[list[int]] = []
-    names: list[str] = []
-    for length in lengths.astype(int):
+    spread = np.where(rng.random(scale.playlists) < 0.08, 1.0, 0.5)
+    lengths = np.clip(np.round(rng.lognormal(np.log(scale.median_length), spread)), 5, 250)
+    progress = Progress("playlists", scale.playlists)
+    for done, length in enumerate(lengths.astype(int).tolist(), start=1):
         themes = choose_themes(rng, affinity)
-        playlists.append(make_playlist(rng, pools, themes, int(length)))
-        names.append(playlist_name(rng, themes))
-    return playlists, names
+        songs = make_playlist(rng, pools, themes, length)
+        spool.add(songs, playlist_name(rng, themes))
+        if done % 1000 == 0 or done == scale.playlists:
+            progress.update(done)
+    spool.close()
 
 
 def has_album_run(songs: list[int], song_album: np.ndarray, run_length: int) -> bool:
@@ -623,14 +853,6 @@ def make_sequence(rng: np.random.Generator, pools: Pools, catalog: Catalog) -> l
     while not has_album_run(songs, catalog.song_album, 3):
         songs = make_playlist(rng, pools, [genre], SEQUENCE_LENGTH)
     return songs
-
-
-def write_csv(path: Path, header: Sequence[str], rows: list[list[str]]) -> None:
-    """Write one table as UTF-8 CSV with a header row and Unix line endings."""
-    with path.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
 
 
 def song_row(catalog: Catalog, song: int) -> list[str]:
@@ -661,77 +883,320 @@ def song_row(catalog: Catalog, song: int) -> list[str]:
         str(catalog.song_track[song]),
     ]
 
+Rows = list[Sequence[Any]]
+TableChunks = tuple[str, Sequence[str], Iterator[Rows]]
 
-def write_tables(
-    out: Path,
-    catalog: Catalog,
-    playlists: list[list[int]],
-    playlist_names: list[str],
-    playlist_ids: np.ndarray,
-    sequence: list[int],
-) -> dict[str, int]:
-    """Write the tables, keeping only songs that occur (and their albums and artists)."""
-    used = np.zeros(catalog.song_ids.size, dtype=bool)
-    for songs in [*playlists, sequence]:
-        used[songs] = True
-    kept_songs = np.flatnonzero(used)
+
+def batched(rows: Iterable[Sequence[Any]], size: int) -> Iterator[Rows]:
+    """Cut an iterable of rows into lists of at most size rows."""
+    iterator = iter(rows)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def table_chunks(
+    catalog: Catalog, spool: Spool, playlist_ids: np.ndarray, chunk_rows: int
+) -> list[TableChunks]:
+    """The five tables as lazy chunks of CSV rows, keeping only songs that occur (and their
+    albums and artists), in the order a database with foreign keys must load them."""
+    kept_songs = np.flatnonzero(spool.used)
     kept_albums = np.unique(catalog.song_album[kept_songs])
     kept_artists = np.unique(catalog.album_artist[kept_albums])
-
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "artists.csv", ("artist_id", "name", "genre"), [
-        [str(catalog.artist_ids[a]), catalog.artist_names[a],
-         GENRES[catalog.artist_genre[a]].name]
+    artists = (
+        [str(catalog.artist_ids[a]), catalog.artist_names[a], GENRES[catalog.artist_genre[a]].name]
         for a in kept_artists
-    ])
-    write_csv(out / "albums.csv", ("album_id", "name", "artist_id", "release_year"), [
+    )
+    albums = (
         [str(catalog.album_ids[a]), catalog.album_names[a],
          str(catalog.artist_ids[catalog.album_artist[a]]), str(catalog.album_year[a])]
         for a in kept_albums
-    ])
-    write_csv(out / "songs.csv", SONG_COLUMNS, [song_row(catalog, s) for s in kept_songs])
-    write_csv(out / "playlists.csv", ("playlist_id", "name"), [
-        [str(pid), name] for pid, name in zip(playlist_ids, playlist_names, strict=True)
-    ])
-    write_csv(out / "playlist_songs.csv", ("playlist_id", "pos", "song_id"), [
-        [str(pid), str(pos), str(catalog.song_ids[song])]
-        for pid, songs in zip(playlist_ids, playlists, strict=True)
-        for pos, song in enumerate(songs)
-    ])
-    write_csv(out / "sequence.csv", ("pos", "song_id"), [
-        [str(pos), str(catalog.song_ids[song])] for pos, song in enumerate(sequence)
-    ])
-    return {
-        "artists": kept_artists.size,
-        "albums": kept_albums.size,
-        "songs": kept_songs.size,
-        "playlists": len(playlists),
-        "playlist_songs": sum(len(songs) for songs in playlists),
-    }
+    )
+    songs = (song_row(catalog, s) for s in kept_songs)
+    playlists = zip(playlist_ids.tolist(), spool.names(), strict=True)
+    return [
+        ("artists", ("artist_id", "name", "genre"), batched(artists, chunk_rows)),
+        ("albums", ("album_id", "name", "artist_id", "release_year"), batched(albums, chunk_rows)),
+        ("songs", SONG_COLUMNS, batched(songs, chunk_rows)),
+        ("playlists", ("playlist_id", "name"), batched(playlists, chunk_rows)),
+        ("playlist_songs", ("playlist_id", "pos", "song_id"),
+         playlist_song_chunks(catalog, spool, playlist_ids)),
+    ]
 
 
-def generate(out: Path, seed: int = DEFAULT_SEED) -> dict[str, int]:
-    """Generate every demo table into out from one seed; the same seed gives the same bytes."""
-    rng = np.random.default_rng(seed)
-    catalog = make_catalog(rng)
-    pools = make_pools(catalog)
-    playlists, names = make_playlists(rng, pools)
-    playlist_ids = gappy_ids(rng, N_PLAYLISTS, 1, 4)
-    sequence = make_sequence(rng, pools, catalog)
-    return write_tables(out, catalog, playlists, names, playlist_ids, sequence)
+def playlist_song_chunks(
+    catalog: Catalog, spool: Spool, playlist_ids: np.ndarray
+) -> Iterator[Rows]:
+    """(playlist_id, pos, song_id) rows, chunk by chunk; a chunk may end inside a playlist."""
+    offsets = np.concatenate(([0], np.cumsum(spool.lengths)))
+    for start, songs in spool.song_chunks():
+        rows = np.arange(start, start + songs.size)
+        owner = np.searchsorted(offsets, rows, side="right") - 1
+        yield list(zip(playlist_ids[owner].tolist(), (rows - offsets[owner]).tolist(),
+                       catalog.song_ids[songs].tolist(), strict=True))
 
 
-def main() -> None:
-    """Parse the command line, generate the tables and print a one-line summary."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
-                        help="folder for the CSV files (default: this script's folder)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed")
-    args = parser.parse_args()
+class Tables(Protocol):
+    """Where the tables go: CSV files or a database."""
+
+    def write(self, table: str, columns: Sequence[str], chunks: Iterable[Rows]) -> int:
+        """Write one table from its chunks of rows; return the number of rows."""
+        ...
+
+
+class CsvTables:
+    """Each table as DIR/<table>.csv: UTF-8, a header row, Unix line endings.
+
+    A file is written under a .partial name and renamed when complete, so an interrupted
+    run never leaves a truncated table under the real name.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def write(self, table: str, columns: Sequence[str], chunks: Iterable[Rows]) -> int:
+        """Write one table's file from its chunks of rows; return the number of rows."""
+        path = self.folder / f"{table}.csv"
+        partial = path.with_name(f"{path.name}.partial")
+        count = 0
+        with partial.open("w", encoding="utf-8", newline="") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(columns)
+            for rows in chunks:
+                writer.writerows(rows)
+                count += len(rows)
+        partial.replace(path)
+        return count
+
+
+class CopyTables:
+    """Each table COPYed, chunk by chunk, through a cursor whose transaction the caller owns."""
+
+    def __init__(self, cursor: Any) -> None:
+        self.cursor = cursor
+
+    def write(self, table: str, columns: Sequence[str], chunks: Iterable[Rows]) -> int:
+        """COPY one table from its chunks of rows (the CSV bytes the files hold); return rows."""
+        statement = sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT csv)").format(
+            sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, columns)))
+        count = 0
+        for rows in chunks:
+            buffer = io.StringIO()
+            csv.writer(buffer, lineterminator="\n").writerows(rows)
+            buffer.seek(0)
+            self.cursor.copy_expert(statement, buffer)
+            count += len(rows)
+        return count
+
+
+def write_tables(tables: Tables, chunks: Iterable[TableChunks]) -> dict[str, int]:
+    """Write every table, printing one line per table; return the rows per table."""
+    counts = {}
+    for table, columns, rows in chunks:
+        started = time.perf_counter()
+        counts[table] = tables.write(table, columns, rows)
+        print(f"{table}: {counts[table]:,} rows written in {time.perf_counter() - started:.1f} s",
+              flush=True)
+    return counts
+
+
+FOREIGN_KEYS = sql.SQL(
+    "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+    "WHERE contype = 'f' AND conrelid = %s::regclass ORDER BY conname")
+PLAIN_INDEXES = sql.SQL(
+    "SELECT c.relname, pg_get_indexdef(x.indexrelid) FROM pg_index x "
+    "JOIN pg_class c ON c.oid = x.indexrelid "
+    "WHERE x.indrelid = %s::regclass AND NOT x.indisunique ORDER BY c.relname")
+
+
+def open_database(dsn: str) -> Any:
+    """Connect, create the schema of sql/schema.sql if missing (safe to repeat) and check that
+    the five tables are empty, before any time is spent generating."""
+    connection = psycopg2.connect(dsn, connect_timeout=10)
+    try:
+        with connection, connection.cursor() as cursor:
+            cursor.execute(SCHEMA_FILE.read_text(encoding="utf-8"))
+            ensure_empty(cursor)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def ensure_empty(cursor: Any) -> None:
+    """Refuse to add generated rows to tables that already hold some."""
+    for table in TABLES:
+        cursor.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(sql.Identifier(table)))
+        if cursor.fetchone()[0]:
+            raise OptionError("--database", f"table {table} already holds rows; generate into "
+                              "a database whose catalog tables are empty")
+
+
+def defer_checks(cursor: Any) -> list[sql.Composable]:
+    """Drop the foreign keys and non-unique indexes of the five tables; return their rebuild.
+
+    Checked row by row, 20M foreign-key lookups cost minutes; one validating join and one
+    sorted index build afterwards cost seconds. The caller's transaction keeps this atomic.
+    """
+    drops: list[sql.Composable] = []
+    rebuild: list[sql.Composable] = []
+    indexes: list[sql.Composable] = []
+    for table in TABLES:
+        name = sql.Identifier(table)
+        cursor.execute(FOREIGN_KEYS, (table,))
+        for constraint, definition in cursor.fetchall():
+            drops.append(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+                name, sql.Identifier(constraint)))
+            rebuild.append(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
+                name, sql.Identifier(constraint), sql.SQL(definition)))
+        cursor.execute(PLAIN_INDEXES, (table,))
+        for index, definition in cursor.fetchall():
+            drops.append(sql.SQL("DROP INDEX {}").format(sql.Identifier(index)))
+            indexes.append(sql.SQL(definition))
+    for statement in drops:
+        cursor.execute(statement)
+    return indexes + rebuild
+
+
+def load_database(connection: Any, chunks: Iterable[TableChunks]) -> dict[str, int]:
+    """COPY every table in one transaction: a failure rolls all of it back, so no table is
+    ever seen half loaded, and running again after a failure starts from empty tables."""
+    with connection, connection.cursor() as cursor:
+        rebuild = defer_checks(cursor)
+        ensure_empty(cursor)
+        counts = write_tables(CopyTables(cursor), chunks)
+        started = time.perf_counter()
+        for statement in rebuild:
+            cursor.execute(statement)
+        for table in TABLES:
+            cursor.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table)))
+        print(f"indexes and foreign keys: rebuilt and checked in "
+              f"{time.perf_counter() - started:.1f} s", flush=True)
+    return counts
+
+
+def check_scale(scale: Scale, chunk_rows: int) -> None:
+    """Refuse sizes the process cannot make, naming the option at fault."""
+    if scale.artists < len(GENRES):
+        raise OptionError("--artists", f"must be at least {len(GENRES)} (an artist per "
+                          f"genre), got {scale.artists}")
+    if scale.albums is not None and scale.albums < scale.artists:
+        raise OptionError("--albums", f"must be at least --artists ({scale.artists:,}): every "
+                          f"artist has an album, got {scale.albums:,}")
+    if scale.songs is not None and scale.songs < (scale.albums or scale.artists):
+        floor = "--albums" if scale.albums is not None else "--artists"
+        raise OptionError("--songs", f"must be at least {floor} "
+                          f"({scale.albums or scale.artists:,}): every album has a song, "
+                          f"got {scale.songs:,}")
+    if chunk_rows < 1:
+        raise OptionError("--chunk-rows", f"must be at least 1, got {chunk_rows}")
+
+
+def generate(
+    scale: Scale,
+    seed: int = DEFAULT_SEED,
+    out: Path | None = None,
+    database: str | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> dict[str, Any]:
+    """Generate every table from one seed into the folder out or the database (one of them).
+
+    The same seed and sizes give the same rows whatever chunk_rows and wherever they go;
+    the demo sizes and seed give the committed demo files byte for byte. Returns the rows
+    per table and the seconds per step.
+    """
+    if (out is None) == (database is None):
+        raise ValueError("give exactly one of out and database")
+    check_scale(scale, chunk_rows)
     started = time.perf_counter()
-    counts = generate(args.out, args.seed)
-    summary = ", ".join(f"{count} {table}" for table, count in counts.items())
-    print(f"wrote {summary} to {args.out} in {time.perf_counter() - started:.1f} s")
+    connection = open_database(database) if database is not None else None
+    seconds: dict[str, float] = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="b4mr-generate-") as folder:
+            rng = np.random.default_rng(seed)
+            catalog = make_catalog(rng, scale)
+            pools = make_pools(catalog)
+            seconds["catalog"] = time.perf_counter() - started
+            print(f"catalog: {catalog.artist_ids.size:,} artists, {catalog.album_ids.size:,} "
+                  f"albums, {catalog.song_ids.size:,} songs drawn in {seconds['catalog']:.1f} s",
+                  flush=True)
+            spool = Spool(Path(folder), scale.playlists, catalog.song_ids.size, chunk_rows)
+            make_playlists(rng, pools, scale, spool)
+            playlist_ids = gappy_ids(rng, scale.playlists, 1, 4)
+            sequence = make_sequence(rng, pools, catalog)
+            spool.used[sequence] = True
+            seconds["playlists"] = time.perf_counter() - started - seconds["catalog"]
+            print(f"generated: {scale.playlists:,} playlists, {int(spool.lengths.sum()):,} entries "
+                  f"in {seconds['playlists']:.1f} s", flush=True)
+            chunks = table_chunks(catalog, spool, playlist_ids, chunk_rows)
+            if connection is not None:
+                rows = load_database(connection, chunks)
+            else:
+                assert out is not None
+                tables = CsvTables(out)
+                rows = write_tables(tables, [*chunks, (
+                    "sequence", ("pos", "song_id"),
+                    batched(enumerate(catalog.song_ids[sequence].tolist()), chunk_rows))])
+    finally:
+        if connection is not None:
+            connection.close()
+    seconds["write"] = time.perf_counter() - started - seconds["catalog"] - seconds["playlists"]
+    seconds["total"] = time.perf_counter() - started
+    return {"rows": rows, "seconds": {step: round(value, 1) for step, value in seconds.items()}}
+
+
+def positive_int(text: str) -> int:
+    """Parse a size given on the command line: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: a named scale, sizes that override it, and where the tables go."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", choices=SCALES, default="demo",
+                        help="named sizes: demo (the committed tables), full (the original's "
+                             "catalog, ~20M entries) or mpd (Million Playlist size, 66M)")
+    for size in ("playlists", "songs", "albums", "artists"):
+        parser.add_argument(f"--{size}", type=positive_int,
+                            help=f"number of {size} (default: the scale's)")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--out", type=Path,
+                        help="folder for the CSV files (default at the demo sizes: this "
+                             "script's folder, which holds the committed demo tables)")
+    target.add_argument("--database", metavar="DSN",
+                        help="PostgreSQL to COPY the tables into, in one transaction; the "
+                             "schema is created if missing and the tables must be empty")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="random seed")
+    parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS,
+                        help="playlist rows held in memory at a time (default: %(default)s)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the command line, generate the tables and print a JSON summary as the last line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sizes = {size: getattr(args, size) for size in ("playlists", "songs", "albums", "artists")}
+    scale = replace(SCALES[args.scale],
+                    **{size: value for size, value in sizes.items() if value is not None})
+    out = args.out
+    if out is None and args.database is None:
+        if scale != SCALES["demo"]:
+            parser.error("--out: a folder (or --database) is needed beyond the demo sizes; the "
+                         "default folder holds the committed demo tables")
+        out = Path(__file__).resolve().parent
+    try:
+        summary = generate(scale, args.seed, out, args.database, args.chunk_rows)
+    except OptionError as error:
+        parser.error(str(error))
+    summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps({"scale": args.scale, **summary}))
 
 
 if __name__ == "__main__":
