@@ -76,3 +76,32 @@ def test_command_line_flags_build_the_same_config() -> None:
     config.add_config_arguments(parser)
     args = parser.parse_args(["--preset", "full", "--set", "train.lr=0.002"])
     assert config.config_from_args(args) == load_config("full", overrides=["train.lr=0.002"])
+
+
+def test_service_settings_come_from_the_environment_through_the_same_coercion() -> None:
+    settings = config.Settings.from_env({"PORT": " 9000 ", "LEASE_SECONDS": "12.5",
+                                         "MODEL_PATH": "runs/x/best.pt", "CATALOG_DIR": "",
+                                         "API_TOKEN": "t"})
+    assert (settings.port, settings.lease_seconds, settings.api_token) == (9000, 12.5, "t")
+    assert settings.model_path == config.REPO_ROOT / "runs" / "x" / "best.pt"
+    assert settings.catalog_dir is None
+    assert config.Settings.from_env({"CATALOG_DIR": "demo data"}).catalog_dir == \
+        config.DEMO_DATA_DIR
+    assert config.Settings.from_env({}) == config.Settings()
+    assert config.Settings().database_url == config.DEFAULT_DATABASE_URL
+
+
+@pytest.mark.parametrize(("environ", "named"), [
+    ({"PORT": "http"}, "PORT: expected int"),
+    ({"JOB_THREADS": "1.5"}, "JOB_THREADS: expected int"),
+    ({"POLL_SECONDS": "soon"}, "POLL_SECONDS: expected float"),
+    ({"LEASE_SECONDS": "inf"}, "LEASE_SECONDS: must be positive"),
+    ({"RETRY_BASE_SECONDS": "nan"}, "RETRY_BASE_SECONDS: must be positive"),
+    ({"PORT": "70000"}, "PORT: must be at most 65535"),
+    ({"WORKERS": "0"}, "WORKERS: must be at least 1"),
+    ({"TORCH_THREADS": "-1"}, "TORCH_THREADS: must not be negative"),
+    ({"POOL_SIZE": "2", "JOB_THREADS": "2"}, "POOL_SIZE: must exceed JOB_THREADS"),
+])
+def test_bad_service_settings_name_the_variable(environ: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        config.Settings.from_env(environ)

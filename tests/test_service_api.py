@@ -28,7 +28,7 @@ from service_support import (
 
 import db
 import flask_app
-from config import Settings
+from config import MAX_K, Settings
 from flask_app import create_app
 
 if TYPE_CHECKING:
@@ -264,6 +264,37 @@ def test_bearer_token_guards_everything_but_probes(make_app) -> None:
     assert client.get("/metrics").status_code == 401
     for public in ("/health", "/ready", "/openapi.json"):
         assert client.get(public).status_code == 200
+
+
+def test_openapi_document_is_generated_from_the_settings(make_app) -> None:
+    document = make_app(api_token="s3cret-token", max_song_ids=7).test_client().get(
+        "/openapi.json").json
+    schemas = document["components"]["schemas"]
+    songs = schemas["SongsRequest"]["properties"]
+    assert (songs["song_ids"]["minItems"], songs["song_ids"]["maxItems"]) == (1, 7)
+    assert songs["k"]["maximum"] == MAX_K
+    assert schemas["SongRecommendation"]["properties"]["rank"]["maximum"] == MAX_K
+    assert schemas["RecommendRequest"]["additionalProperties"] is False
+    assert document["components"]["securitySchemes"] == {
+        "bearer": {"type": "http", "scheme": "bearer"}}
+    for path, item in document["paths"].items():
+        for operation in item.values():
+            public = path in ("/health", "/ready", "/openapi.json")
+            assert operation.get("security") == (None if public else [{"bearer": []}]), path
+            errors = [status for status in operation["responses"] if status >= "400"]
+            for status in errors:
+                schema = operation["responses"][status]["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/ErrorBody"}, (path, status)
+    assert "securitySchemes" not in make_app().test_client().get("/openapi.json").json[
+        "components"]
+
+
+def test_song_list_limit_follows_max_song_ids(make_app) -> None:
+    client = make_app(max_song_ids=3).test_client()
+    response = client.post("/recommendations", json={"song_ids": [1, 2, 3, 4]})
+    assert response.status_code == 400
+    assert response.json == {"error": "song_ids: at most 3 songs"}
+    assert client.post("/recommendations", json={"song_ids": [1, 2, 3]}).status_code == 200
 
 
 # -- ids and results ----------------------------------------------------------------------------
