@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 import psycopg2
@@ -90,8 +90,9 @@ def _json(model: BaseModel, status: int = 200) -> tuple[Response, int]:
 
 # -- routes -------------------------------------------------------------------------------------
 
-ERRORS: ResponseDict = {400: ErrorBody, 401: ErrorBody, 413: ErrorBody,
-                                      415: ErrorBody, 503: ErrorBody}
+# Errors of the routes that take a JSON body; each is {"error": reason}.
+ERRORS: ResponseDict = {400: ErrorBody, 401: ErrorBody, 413: ErrorBody, 415: ErrorBody,
+                        503: ErrorBody}
 TEXT = {"content": {"text/plain": {"schema": {"type": "string"}}}}
 DOCUMENT = {"content": {"application/json": {"schema": {"type": "object"}}}}
 
@@ -130,8 +131,7 @@ def api_blueprint(settings: Settings) -> APIBlueprint:
              responses={200: DOCUMENT})
     def openapi() -> Response:
         """The OpenAPI document generated from these routes' models."""
-        document: OpenAPI = current_app  # type: ignore[assignment]
-        return jsonify(document.api_doc)
+        return jsonify(cast(OpenAPI, current_app).api_doc)
 
     @api.post("/recommend", operation_id="enqueue",
               summary="Enqueue recommendations for a stored playlist (asynchronous)",
