@@ -355,6 +355,7 @@ class Settings:
     max_song_ids: int = 500
     torch_threads: int = 0
     shutdown_seconds: float = 20.0
+    request_read_seconds: float = 10.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -392,7 +393,7 @@ class Settings:
         for name in at_least_one:
             _check(getattr(self, name) >= 1, name.upper(), "must be at least 1")
         positive = ("lease_seconds", "poll_seconds", "retry_base_seconds", "retry_max_seconds",
-                    "shutdown_seconds")
+                    "shutdown_seconds", "request_read_seconds")
         for name in positive:
             value = getattr(self, name)
             _check(math.isfinite(value) and value > 0, name.upper(), "must be positive and finite")

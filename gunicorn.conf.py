@@ -22,12 +22,16 @@ from prometheus_client import multiprocess
 
 from config import Settings
 from flask_app import EXTENSION_KEY
+from http_worker import BufferingThreadWorker
 
 _settings = Settings.from_env()
 
 bind = f"{_settings.host}:{_settings.port}"
 workers = _settings.workers
-worker_class = "gthread"
+# gthread, but each request is read whole before a thread sees it (slow clients hold no
+# thread; one that has not sent its request within REQUEST_READ_SECONDS is disconnected)
+worker_class = "http_worker.BufferingThreadWorker"
+BufferingThreadWorker.read_seconds = _settings.request_read_seconds
 threads = _settings.threads
 timeout = 60
 graceful_timeout = int(_settings.shutdown_seconds) + 10
