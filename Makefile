@@ -29,10 +29,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV_PY) -m ruff check .
+	$(VENV_PY) -m mypy
 	$(VENV_PY) -m pytest
 
 lint: $(STAMP)
 	$(VENV_PY) -m ruff check .
+	$(VENV_PY) -m mypy
 
 serve: $(STAMP)
 	$(VENV_PY) -m gunicorn --config gunicorn.conf.py "flask_app:create_app()"
