@@ -1,8 +1,10 @@
 """Full-catalog rank metrics, the MostPopular and Transition baselines, evaluating a split.
 
 Every song of the catalog is ranked for every evaluated sequence (no sampled negatives); a
-target's rank is the number of songs scoring strictly higher, so ties count against it and a
-NaN score never ranks a target up. Metrics are computed per sequence, then averaged.
+target's rank is the number of other songs scoring at least as high, so ties count against it.
+A NaN or infinite score ranks last: such a target is not ranked at all (every metric counts it
+as 0), and such another song is never above the target. Metrics are computed per sequence,
+then averaged.
 """
 
 from __future__ import annotations
@@ -28,13 +30,22 @@ ScoreFunction = Callable[[EvalSet, np.ndarray], torch.Tensor]
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each target: how many songs score strictly higher (B,)."""
+    """0-based rank of each target, (B,) float64: how many other songs score at least as high.
+
+    Only finite scores count as above the target. A target whose own score is NaN or infinite
+    (or -inf: excluded) is not ranked at all: rank +inf, which every metric counts as 0, so a
+    diverged model evaluates to 0, not to 1.
+    """
     target_scores = scores.gather(1, targets[:, None])
-    return (scores > target_scores).sum(dim=1)
+    at_least = ((scores >= target_scores) & (scores < float("inf"))).sum(dim=1) - 1
+    return torch.where(torch.isfinite(target_scores[:, 0]), at_least.double(), float("inf"))
 
 
 def metric_sums(ranks: torch.Tensor) -> dict[str, float]:
-    """Per-sequence HR@1/5/10, NDCG@5/10 and MRR from 0-based ranks, summed over the batch."""
+    """Per-sequence HR@1/5/10, NDCG@5/10 and MRR from 0-based ranks, summed over the batch.
+
+    A rank of +inf (a target not ranked) adds 0 to each of them.
+    """
     ranks = ranks.double()
     gain = 1.0 / torch.log2(ranks + 2.0)
     return {

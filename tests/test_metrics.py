@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from training_support import make_encoders, tiny_config, write_data
 
-from dataset import EvalSet, Playlists
+from checkpoint import build_model
+from dataset import EvalSet, Playlists, split_sequences
 from evaluation import (
     METRIC_NAMES,
     MostPopular,
     Transition,
     average_metrics,
     evaluate_scores,
+    evaluate_split,
     metric_sums,
     target_ranks,
 )
+from preprocessing_utils import load_training_file
 
 
 def playlists(*sequences: list[int]) -> Playlists:
@@ -82,3 +87,46 @@ def test_transition_uses_counts_from_the_last_song_then_popularity() -> None:
     assert scores[1].argsort(descending=True)[:3].tolist() == [2, 3, 4]
     ranks = target_ranks(scores, torch.tensor([3, 2]))
     assert ranks.tolist() == [0, 0]
+
+
+def test_ties_count_against_the_target_and_non_finite_scores_rank_last() -> None:
+    """DESIGN's evaluation contract; before issue 15 ties and NaN both favoured the target."""
+    nan, inf = float("nan"), float("inf")
+    scores = torch.tensor([
+        [0.5, 0.5, 0.5, 0.1],   # target 0 ties two others: rank 2
+        [nan, nan, nan, nan],   # a NaN target: not ranked (worse than any rank)
+        [0.3, inf, 0.2, 0.1],   # an infinite target: not ranked
+        [nan, 0.2, inf, 0.1],   # NaN and +inf songs are not above a finite target
+        [0.3, -inf, 0.2, -inf],  # an excluded (-inf) target is not ranked either
+    ])
+    ranks = target_ranks(scores, torch.tensor([0, 2, 1, 3, 1]))
+    assert ranks.tolist() == [2, inf, inf, 1, inf]
+    assert rank_metrics(ranks[1:3]) == dict.fromkeys(METRIC_NAMES, 0.0)
+
+
+def test_a_nan_scorer_evaluates_to_zero_not_one() -> None:
+    """Issue 15 F1: a NaN model's every metric used to be 1.0 (``scores > target`` never true)."""
+    eval_set = EvalSet(playlists([2], [3, 4], [5]), np.array([4, 2, 6]))
+
+    def nan_scores(_: EvalSet, rows: np.ndarray) -> torch.Tensor:
+        return torch.full((len(rows), 7), float("nan"))
+
+    for exclude_seen in (False, True):
+        assert evaluate_scores(nan_scores, eval_set, 2, exclude_seen) == dict.fromkeys(
+            METRIC_NAMES, 0.0)
+
+
+def test_a_nan_model_evaluates_to_zero_beside_working_baselines(tmp_path: Path) -> None:
+    """The model scorer goes through the same ranking as MostPopular and Transition."""
+    data_dir = write_data(tmp_path / "data", make_encoders())
+    config = tiny_config(data_dir, tmp_path / "run")
+    encoders = make_encoders()
+    model = build_model(config, encoders)
+    with torch.no_grad():
+        model.output_bias.fill_(float("nan"))
+    sequences = load_training_file(data_dir, encoders.n_song_tokens)
+    split = split_sequences(sequences, "playlist", 0.8, 0)
+    results = evaluate_split(model, split, config, torch.device("cpu"))
+    assert results["model"] == dict.fromkeys(METRIC_NAMES, 0.0)
+    for baseline in ("most_popular", "transition"):
+        assert results[baseline]["hr@10"] > 0
