@@ -10,9 +10,10 @@ import pytest
 import torch
 from training_support import N_SONGS, SONG_IDS, make_encoders, tiny_config, write_data
 
-from checkpoint import build_model
+import checkpoint as checkpoint_module
+from checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from preprocessing_utils import FIRST_SONG_INDEX, MASK_INDEX, PAD_INDEX
-from recommender import Recommender, top_k
+from recommender import NonFiniteScores, Recommender, top_k
 from train import train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -129,3 +130,37 @@ def test_serving_imports_no_training_code(trained: Path) -> None:
                                text=True, timeout=300, check=False)
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip().splitlines()[-1] == "loaded: []"
+
+
+def test_a_checkpoint_with_non_finite_weights_is_not_served(
+    trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15 F1: a NaN best.pt loaded and answered every playlist with no songs."""
+    state = load_checkpoint(trained / "best.pt")
+    name = next(key for key in state["model"] if key.endswith("bias"))
+    state["model"][name].fill_(float("nan"))
+    path = tmp_path / "nan.pt"
+    with monkeypatch.context() as patched:
+        patched.setattr(checkpoint_module, "first_non_finite", lambda state: None, raising=False)
+        save_checkpoint(path, state)
+    with pytest.raises(CheckpointError, match="holds NaN or infinite values"):
+        Recommender.from_checkpoint(path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_scores_raise_instead_of_an_empty_answer(data_dir: Path, bad: float) -> None:
+    config = tiny_config(data_dir, data_dir)
+    encoders = make_encoders()
+    model = build_model(config, encoders).eval()
+    with torch.no_grad():
+        model.output_bias[FIRST_SONG_INDEX + 7] = bad
+    recommender = Recommender(model, encoders, torch.ones(encoders.n_song_tokens), "broken")
+    playlist = [int(song) for song in SONG_IDS[:3]]
+    with pytest.raises(NonFiniteScores, match="model broken gave NaN or infinite scores for 2 of 3"
+                       ) as caught:
+        recommender.recommend([playlist, [], playlist], k=5)
+    assert caught.value.playlists == [0, 2]
+    with pytest.raises(NonFiniteScores):
+        # the bad song is excluded as seen, but the model's scores were still not finite
+        recommender.recommend([[int(SONG_IDS[7])]], k=5)
+    assert len(recommender.recommend([[123]], k=5)[0].song_ids) == 5
