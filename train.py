@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -34,7 +34,9 @@ from checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
     build_model,
+    check_shapes,
     encoders_to_tensors,
+    first_non_finite,
     load_checkpoint,
     load_model,
     save_checkpoint,
@@ -50,9 +52,13 @@ from dataset import Split, TrainBatches, split_sequences
 from evaluation import autocast, evaluate_model, evaluate_split, format_table
 from model import BERT4Rec
 from preprocessing_utils import DataError, Encoders, Sequences, load_training_file
-from recommender import Recommendation, Recommender
+from recommender import NonFiniteScores, Recommendation, Recommender
 
 # ----------------------------------------------------------------------------- building blocks
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN or infinite: training stops and saves nothing."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -203,6 +209,7 @@ def resume_run(run: Run) -> None:
         return
     checkpoint = load_checkpoint(path)
     verify_checkpoint(checkpoint, path, run.encoders, Path(run.config.paths.data_dir) / "encoders")
+    check_shapes(checkpoint["model"], run.model.state_dict(), path)
     run.model.load_state_dict(checkpoint["model"])
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -223,7 +230,11 @@ def start_fresh_if_new(run: Run) -> None:
 
 
 def train_step(run: Run, inputs: torch.Tensor, labels: torch.Tensor) -> float:
-    """One optimisation step on a batch; returns its loss."""
+    """One optimisation step on a batch; returns its loss, TrainingDiverged if it is not finite.
+
+    The loss is read after the step (as before, one device sync per step); the weights it
+    touched are never saved, since the error ends the run before the next checkpoint.
+    """
     inputs, labels = inputs.to(run.device), labels.to(run.device)
     with autocast(run.device):
         loss = run.model.loss(inputs, labels)
@@ -234,7 +245,21 @@ def train_step(run: Run, inputs: torch.Tensor, labels: torch.Tensor) -> float:
     run.optimizer.step()
     run.scheduler.step()
     run.state["step"] += 1
-    return float(loss.item())
+    value = float(loss.item())
+    if not math.isfinite(value):
+        diverged(run, f"the loss is {value}")
+    return value
+
+
+def diverged(run: Run, what: str) -> NoReturn:
+    """Record the divergence in metrics.jsonl and raise TrainingDiverged naming epoch and step."""
+    epoch, step = run.state["epoch"] + 1, run.state["step"]
+    append_jsonl(run.metrics_path, {"type": "diverged", "epoch": epoch, "step": step,
+                                    "reason": what})
+    raise TrainingDiverged(
+        f"training diverged in epoch {epoch} at step {step}: {what}; stopped, and no checkpoint "
+        f"was written from these weights (lower train.lr)"
+    )
 
 
 def log_steps(run: Run, writer: Any, loss: float, samples: int, seconds: float) -> dict[str, Any]:
@@ -304,8 +329,12 @@ def checkpoint_state(run: Run, validation: dict[str, float]) -> dict[str, Any]:
 def validate_and_checkpoint(run: Run, stats: EpochStats, writer: Any, progress: bool) -> None:
     """Validate the epoch's model, update early stopping, log the epoch, write the checkpoints.
 
-    last.pt every epoch; best.pt when validation NDCG@10 improved.
+    last.pt every epoch; best.pt when validation NDCG@10 improved. Weights with a NaN or an
+    infinity raise TrainingDiverged first: they are neither validated nor saved.
     """
+    bad = first_non_finite(run.model.state_dict())
+    if bad is not None:
+        diverged(run, f"weight {bad} is not finite")
     validation = evaluate_model(run.model, run.split.validation, run.config, run.device)
     state = run.state
     epoch = state["epoch"] = state["epoch"] + 1
@@ -356,11 +385,13 @@ def train(
                                          num_workers=config.train.num_workers)
     writer = SummaryWriter(log_dir=str(run.run_dir))
     started, epochs_this_call = time.perf_counter(), 0
-    while not run.done and (stop_after is None or epochs_this_call < stop_after):
-        stats = train_epoch(run, loader, writer, progress)
-        validate_and_checkpoint(run, stats, writer, progress)
-        epochs_this_call += 1
-    writer.close()
+    try:
+        while not run.done and (stop_after is None or epochs_this_call < stop_after):
+            stats = train_epoch(run, loader, writer, progress)
+            validate_and_checkpoint(run, stats, writer, progress)
+            epochs_this_call += 1
+    finally:
+        writer.close()
     state = run.state
     return {"epochs": state["epoch"], "steps": state["step"], "best_epoch": state["best_epoch"],
             "best_val_ndcg@10": state["best_ndcg"], "stopped_early": state["stopped"],
@@ -454,7 +485,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
+    """Entry point; returns the exit status: 0, 2 for a bad config, data or checkpoint, 1 when
+    training diverged or a model's scores are not finite."""
     args = parse_args(argv)
     try:
         if args.recommend is not None:
@@ -495,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (TrainingDiverged, NonFiniteScores) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from training_support import make_encoders, step_losses, tiny_config, write_data
+import torch
+from training_support import make_encoders, step_losses, tiny_config, tiny_overrides, write_data
 
 import train as train_module
 from recommender import Recommender
-from train import train
+from train import EpochStats, TrainingDiverged, prepare_run, train, validate_and_checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +134,37 @@ def test_progress_off_a_terminal_is_one_line_per_epoch(
     lines = captured.out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2", "epoch 3"]
     assert all("val ndcg@10" in line for line in lines)
+
+
+def test_a_diverging_run_exits_with_an_error_naming_the_step_and_saves_nothing(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 15 F1: lr=1e12 used to exit 0 with best_val_ndcg@10 1.0 and NaN weights in best.pt."""
+    run_dir = tmp_path / "diverged"
+    settings = tiny_overrides(data_dir, run_dir, **{"train.epochs": 1, "train.lr": 1e12})
+    command = [sys.executable, "train.py", "--preset", "demo", "--data", str(data_dir),
+               "--run-dir", str(run_dir), "--quiet", "--threads", "1"]
+    for setting in settings:
+        command += ["--set", setting]
+    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
+                               timeout=300, check=False)
+    assert completed.returncode == 1, completed.stdout + completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert re.search(r"^error: training diverged in epoch 1 at step \d+: the loss is nan",
+                     completed.stderr, re.MULTILINE), completed.stderr
+    assert "best_val_ndcg" not in completed.stdout
+    assert not (run_dir / "best.pt").exists() and not (run_dir / "last.pt").exists()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["type"] == "diverged"
+
+
+def test_non_finite_weights_are_never_validated_or_saved(data_dir: Path, tmp_path: Path) -> None:
+    """Weights gone NaN in an epoch's last step (finite loss) stop the run before any save."""
+    run = prepare_run(tiny_config(data_dir, tmp_path, **{"train.epochs": 1}))
+    with torch.no_grad():
+        run.model.output_bias[5] = float("nan")
+    stats = EpochStats(loss=1.0, samples=1, train_seconds=1.0, started=0.0)
+    with pytest.raises(TrainingDiverged, match=r"epoch 1 at step 0: weight .*bias.* not finite"):
+        validate_and_checkpoint(run, stats, writer=None, progress=False)
+    assert run.state["best_ndcg"] == -1.0
+    assert not (tmp_path / "best.pt").exists() and not (tmp_path / "last.pt").exists()

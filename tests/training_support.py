@@ -49,15 +49,20 @@ def write_data(folder: Path, encoders: Encoders, n_playlists: int = 120) -> Path
     return folder
 
 
-def tiny_config(data_dir: Path, run_dir: Path, **overrides: object) -> Config:
-    """A model and schedule small enough for a test."""
+def tiny_overrides(data_dir: Path, run_dir: Path, **overrides: object) -> list[str]:
+    """``section.key=value`` settings of a model and schedule small enough for a test."""
     values = {"data.seq_len": 8, "model.d_song": 16, "model.d_album": 8, "model.d_artist": 8,
               "model.d_ff": 32, "model.n_layers": 1, "model.dropout": 0.1, "train.batch_size": 16,
               "train.eval_batch_size": 32, "train.epochs": 3, "train.lr": 0.01,
               "train.log_every": 1, "train.patience": 10, "paths.data_dir": str(data_dir),
               "paths.run_dir": str(run_dir)}
     values.update({key: str(value) for key, value in overrides.items()})
-    return load_config("demo", overrides=[f"{key}={value}" for key, value in values.items()])
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def tiny_config(data_dir: Path, run_dir: Path, **overrides: object) -> Config:
+    """A model and schedule small enough for a test (the demo preset with tiny_overrides)."""
+    return load_config("demo", overrides=tiny_overrides(data_dir, run_dir, **overrides))
 
 
 def step_losses(run_dir: Path) -> list[float]:
