@@ -639,11 +639,11 @@ def make_pools(catalog: Catalog) -> Pools:
         genre_albums.append(np.flatnonzero((catalog.album_genre == genre) & (album_size > 1)))
         members = (catalog.artist_genre == genre) | (catalog.artist_second_genre == genre)
         genre_artists.append(np.flatnonzero(members))
-    for genre, albums in zip(GENRES, genre_albums, strict=True):
+    for profile, albums in zip(GENRES, genre_albums, strict=True):
         if not albums.size or album_size[albums].max() < 3:
-            raise OptionError("--artists", f"the catalog is too small: genre {genre.name!r} "
-                            "has no album of three or more tracks; ask for more artists, "
-                            "albums or songs")
+            raise OptionError("--artists", f"the catalog is too small: genre {profile.name!r} "
+                              "has no album of three or more tracks; ask for more artists, "
+                              "albums or songs")
     return Pools(
         genre_songs=genre_songs,
         genre_song_cdf=[np.cumsum(catalog.song_popularity[s]) for s in genre_songs],
@@ -911,7 +911,7 @@ def table_chunks(
          str(catalog.artist_ids[catalog.album_artist[a]]), str(catalog.album_year[a])]
         for a in kept_albums
     )
-    songs = (song_row(catalog, s) for s in kept_songs)
+    songs = (song_row(catalog, s) for s in kept_songs.tolist())
     playlists = zip(playlist_ids.tolist(), spool.names(), strict=True)
     return [
         ("artists", ("artist_id", "name", "genre"), batched(artists, chunk_rows)),
