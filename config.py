@@ -30,6 +30,7 @@ RUNS_DIR = REPO_ROOT / "runs"
 SPLIT_PROTOCOLS = ("playlist", "leave_one_out")
 POSITIONAL_ENCODINGS = ("learned", "sinusoidal")
 DEVICES = ("auto", "cpu", "cuda")
+LOSSES = ("full", "sampled")
 
 # The local server's postgres database, used wherever DATABASE_URL is not set.
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -81,7 +82,12 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation, evaluation and run bookkeeping."""
+    """Optimisation, evaluation and run bookkeeping.
+
+    ``loss``: ``full`` softmax over the catalog, or ``sampled`` softmax with logQ correction
+    over the batch's targets plus ``negatives`` songs drawn from (count + 1)^``sampling_alpha``
+    (0: uniform); evaluation ranks the full catalog either way.
+    """
 
     batch_size: int = 128
     eval_batch_size: int = 128
@@ -97,6 +103,9 @@ class TrainConfig:
     exclude_seen: bool = False
     threads: int = 0
     log_every: int = 10
+    loss: str = "full"
+    negatives: int = 2048
+    sampling_alpha: float = 0.5
 
 
 @dataclass
@@ -288,6 +297,10 @@ def validate(config: Config) -> None:
     _check(train.num_workers >= 0, "train.num_workers", "must not be negative")
     _check(train.threads >= 0, "train.threads", "must not be negative (0 keeps torch's default)")
     _check(train.device in DEVICES, "train.device", f"must be one of {', '.join(DEVICES)}")
+    _check(train.loss in LOSSES, "train.loss", f"must be one of {', '.join(LOSSES)}")
+    _check(train.negatives >= 1, "train.negatives", "must be positive")
+    _check(math.isfinite(train.sampling_alpha) and train.sampling_alpha >= 0,
+           "train.sampling_alpha", "must be finite and not negative (0: uniform)")
 
 
 def load_config(

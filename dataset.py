@@ -168,11 +168,13 @@ class TrainBatches(torch.utils.data.Dataset):
     sample i of the current epoch.
     Works as a map-style dataset of whole batches (``DataLoader(batch_size=None)``), so
     DataLoader workers and resumed runs produce exactly the same batches.
+    ``shard = (rank, size)`` (torchrun): batch i is rank's contiguous share of the same global
+    batch i; the last batch is dropped when it has fewer rows than ``size``.
     """
 
     def __init__(
         self, playlists: Playlists, seq_len: int, cloze_probability: float, batch_size: int,
-        seed: int,
+        seed: int, shard: tuple[int, int] = (0, 1),
     ) -> None:
         if len(playlists) == 0:
             raise ValueError("no training sequences: the data or the split left none")
@@ -185,6 +187,7 @@ class TrainBatches(torch.utils.data.Dataset):
         self.samples = np.repeat(np.arange(len(playlists)), windows)
         self.order = self.samples
         self.epoch = 0
+        self.shard = shard
 
     def set_epoch(self, epoch: int) -> None:
         """Shuffle for ``epoch``; call before iterating over that epoch's batches."""
@@ -194,7 +197,10 @@ class TrainBatches(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         """Batches per epoch (the last may be smaller)."""
-        return -(-len(self.samples) // self.batch_size)
+        batches = -(-len(self.samples) // self.batch_size)
+        if 0 < len(self.samples) % self.batch_size < self.shard[1]:
+            batches -= 1
+        return batches
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``index`` of the current epoch as (inputs, labels), both int64 (B, seq_len)."""
@@ -211,4 +217,8 @@ class TrainBatches(torch.utils.data.Dataset):
         masked[:, -1] = True
         labels = np.where(masked, tokens, PAD_INDEX)
         inputs = np.where(masked, MASK_INDEX, tokens)
+        rank, size = self.shard
+        if size > 1:
+            share = np.array_split(np.arange(len(rows)), size)[rank]
+            inputs, labels = inputs[share], labels[share]
         return torch.from_numpy(inputs), torch.from_numpy(labels)

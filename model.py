@@ -29,6 +29,7 @@ from torch import nn
 
 from config import ModelConfig
 from preprocessing_utils import FIRST_SONG_INDEX, MASK_INDEX, PAD_INDEX
+from sampled_softmax import NegativeSampler, sampled_cross_entropy
 
 # logits per block of the fused loss (1 MB of float32, so a block stays in a core's L2 cache)
 BLOCK_LOGITS = 1 << 18
@@ -156,6 +157,23 @@ def _chunk_logits(
     if extra is not None:
         logits.add_(extra[:, start:stop])
     return logits
+
+
+def _sums_at(
+    groups: torch.Tensor, weights: torch.Tensor, queries: torch.Tensor, n_groups: int
+) -> torch.Tensor:
+    """Per row m, the sum of ``weights[m, l]`` over l with ``groups[m, l] == queries[c]``.
+
+    groups, weights (M, L); queries (C,); result (M, C). Group 0 (none) sums to 0. Built from
+    the row's distinct (row, group) keys and a binary search, so no (M, n_groups) tensor.
+    """
+    row = torch.arange(len(groups), device=groups.device)[:, None]
+    keys, inverse = torch.unique((row * n_groups + groups).flatten(), return_inverse=True)
+    sums = torch.zeros(len(keys), dtype=weights.dtype, device=weights.device)
+    sums = sums.index_add(0, inverse, (weights * (groups != 0)).flatten())
+    wanted = row * n_groups + queries[None, :]
+    where = torch.searchsorted(keys, wanted).clamp_(max=len(keys) - 1)
+    return torch.where(keys[where] == wanted, sums[where], 0.0)
 
 
 def sinusoidal_table(length: int, width: int) -> torch.Tensor:
@@ -372,16 +390,17 @@ class BERT4Rec(nn.Module):
 
     def pointer_logits(
         self, hidden: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor,
-        predicted: torch.Tensor,
+        predicted: torch.Tensor, candidates: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Copy scores (M, n_song_tokens) of the ``side_pointer`` head.
+        """Copy scores (M, n_song_tokens), or (M, C) at ``candidates`` (C,), of the side pointer.
 
         ``predicted`` (M, d_model) are hidden states at positions of sequences ``rows`` (M,);
         each attends over its sequence's visible songs (not [PAD], not [MASK]), the attention
         is summed per artist and per album, and every candidate song scores its artist's and
         its album's share, each times a learned positive gate of the predicted position. A
         second attention over the same songs is summed onto each song's album successor (the
-        next track), times a third gate.
+        next track), times a third gate. With ``candidates`` (the sampled loss) only those
+        columns are computed, without any (M, catalog) tensor.
         """
         visible = tokens[rows] >= FIRST_SONG_INDEX
         keys = self.pointer_key(hidden)[rows]
@@ -389,6 +408,16 @@ class BERT4Rec(nn.Module):
         gates = F.softplus(self.pointer_gate(predicted))
         groups = ((self.song_artist, self.n_artist_tokens), (self.song_album, self.n_album_tokens))
         attention = self._pointer_attention(self.pointer_query(predicted), keys, visible)
+        successors = self.song_successor[songs]
+        if candidates is not None:
+            (artist, n_artists), (album, n_albums) = groups
+            scores = (gates[:, :1] * _sums_at(artist[songs], attention, artist[candidates],
+                                              n_artists)
+                      + gates[:, 1:2] * _sums_at(album[songs], attention, album[candidates],
+                                                 n_albums))
+            attention = self._pointer_attention(self.successor_query(predicted), keys, visible)
+            return scores + gates[:, 2:] * _sums_at(successors, attention, candidates,
+                                                    self.n_song_tokens)
         parts = []
         for gate, (song_group, n_groups) in zip(gates.T[:2], groups, strict=True):
             share = torch.zeros(len(rows), n_groups, device=hidden.device)
@@ -396,7 +425,6 @@ class BERT4Rec(nn.Module):
             share = share.index_fill(1, torch.zeros(1, dtype=torch.long, device=share.device), 0.0)
             parts.append(torch.index_select(gate[:, None] * share, 1, song_group))
         scores = parts[0] + parts[1]
-        successors = self.song_successor[songs]
         attention = self._pointer_attention(self.successor_query(predicted), keys, visible)
         return scores.scatter_add(1, successors, gates[:, 2:] * attention * (successors != 0))
 
@@ -408,12 +436,26 @@ class BERT4Rec(nn.Module):
         attention = torch.einsum("md,mld->ml", query, keys) / math.sqrt(query.shape[1])
         return attention.masked_fill(~visible, -1e9).softmax(dim=1) * visible
 
-    def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy at the masked positions only; ``labels`` is 0 everywhere else."""
+    def forward(
+        self, tokens: torch.Tensor, labels: torch.Tensor, sampler: NegativeSampler | None = None
+    ) -> torch.Tensor:
+        """The training loss (``loss``): DistributedDataParallel synchronises through forward."""
+        return self.loss(tokens, labels, sampler)
+
+    def loss(
+        self, tokens: torch.Tensor, labels: torch.Tensor, sampler: NegativeSampler | None = None
+    ) -> torch.Tensor:
+        """Mean cross-entropy at the masked positions only; ``labels`` is 0 everywhere else.
+
+        Full softmax over the catalog, or with ``sampler`` the sampled softmax with logQ
+        correction over the batch's targets and the sampler's negatives.
+        """
         masked = labels != PAD_INDEX
         encoded = self.encode(tokens)
         hidden = encoded[masked]
         targets = labels[masked]
+        if sampler is not None:
+            return self._sampled_loss(encoded, tokens, masked, hidden, targets, sampler)
         extra = None
         if self.side_pointer:
             rows = masked.nonzero()[:, 0]
@@ -423,6 +465,35 @@ class BERT4Rec(nn.Module):
             return F.cross_entropy(logits if extra is None else logits + extra, targets)
         x, weight, bias = self.head_parts(hidden)
         return LinearCrossEntropy.apply(x, weight, bias, targets, extra)
+
+    def _sampled_loss(
+        self, encoded: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor,
+        hidden: torch.Tensor, targets: torch.Tensor, sampler: NegativeSampler,
+    ) -> torch.Tensor:
+        """Sampled softmax of ``hidden`` (M, d_model) against the batch's shared candidates."""
+        songs, log_q, positive = sampler.candidates(targets)
+        logits = torch.addmm(self.output_bias[songs], self.head_input(hidden),
+                             self.candidate_vectors(songs).T)
+        if self.side_pointer:
+            rows = masked.nonzero()[:, 0]
+            logits = logits.float() + self.pointer_logits(encoded, tokens, rows, hidden, songs)
+        return sampled_cross_entropy(logits, songs, log_q, positive, targets)
+
+    def candidate_vectors(self, songs: torch.Tensor) -> torch.Tensor:
+        """Rows ``songs`` of ``song_vectors()`` (C, width), built for those songs only.
+
+        Plain lookups, as in ``song_vectors``: the head's gradient reaches the padding rows too.
+        """
+        if not self.tie_head:
+            return self.head.weight[songs]
+        vectors = F.embedding(songs, self.song_embedding.weight)
+        if self.use_side:
+            albums = F.embedding(self.song_album[songs], self.album_embedding.weight)
+            artists = F.embedding(self.song_artist[songs], self.artist_embedding.weight)
+            vectors = vectors + self.album_to_song(albums) + self.artist_to_song(artists)
+            if self.features_to_song is not None:
+                vectors = vectors + self.features_to_song(self.song_features[songs])
+        return vectors
 
     def predict_last(
         self, tokens: torch.Tensor, matrix: torch.Tensor | None = None

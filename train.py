@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -49,10 +50,21 @@ from config import (
     config_from_args,
 )
 from dataset import Split, TrainBatches, split_sequences
+from distributed import (
+    World,
+    from_main,
+    global_mean_factor,
+    join_world,
+    leave_world,
+    mean_over_ranks,
+    rank_seed,
+    wrap_model,
+)
 from evaluation import autocast, evaluate_model, evaluate_split, format_table
 from model import BERT4Rec
 from preprocessing_utils import DataError, Encoders, Sequences, load_training_file
 from recommender import NonFiniteScores, Recommendation, Recommender
+from sampled_softmax import NegativeSampler
 
 # ----------------------------------------------------------------------------- building blocks
 
@@ -134,6 +146,19 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         file.write(json.dumps(record) + "\n")
 
 
+class NoWriter:
+    """Stands in for the TensorBoard writer on the ranks that write nothing."""
+
+    def add_scalar(self, *args: Any) -> None:
+        """Record nothing."""
+
+    def flush(self) -> None:
+        """Nothing to flush."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
 # ----------------------------------------------------------------------------- training steps
 
 
@@ -142,7 +167,9 @@ class Run:
     """What one training call works with: data, network, optimizer and progress so far.
 
     ``state`` is the progress (epoch, step, best validation NDCG@10, patience, run name) that a
-    checkpoint stores and a resumed call continues from.
+    checkpoint stores and a resumed call continues from. ``network`` is what a training step
+    calls: the model itself, or its DistributedDataParallel wrapper under torchrun;
+    ``sampler`` draws the negatives of the sampled loss (None: full softmax).
     """
 
     config: Config
@@ -156,6 +183,9 @@ class Run:
     optimizer: torch.optim.AdamW
     scheduler: torch.optim.lr_scheduler.LambdaLR
     state: dict[str, Any]
+    world: World
+    network: nn.Module
+    sampler: NegativeSampler | None
 
     @property
     def metrics_path(self) -> Path:
@@ -183,7 +213,7 @@ def prepare_run(config: Config) -> Run:
     keep_freed_memory()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    device = pick_device(config.train.device)
+    world, device = join_world(pick_device(config.train.device))
     run_dir = Path(config.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     encoders, sequences = load_data(config.paths.data_dir)
@@ -191,19 +221,26 @@ def prepare_run(config: Config) -> Run:
     torch.manual_seed(config.train.seed)
     model = build_model(config, encoders).to(device)
     batches = TrainBatches(split.train, config.data.seq_len, config.data.cloze_probability,
-                           config.train.batch_size, config.train.seed)
+                           config.train.batch_size, config.train.seed, (world.rank, world.size))
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, config.train.epochs * len(batches))
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best_ndcg": -1.0, "best_epoch": -1,
                              "bad_epochs": 0, "stopped": False,
                              "run_name": datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")}
     popularity = torch.from_numpy(split.popularity(encoders.n_song_tokens))
+    sampler = None
+    if config.train.loss == "sampled":
+        sampler = NegativeSampler(popularity, config.train.negatives,
+                                  config.train.sampling_alpha).to(device)
     return Run(config, device, run_dir, encoders, split, popularity, model, batches, optimizer,
-               scheduler, state)
+               scheduler, state, world, model, sampler)
 
 
 def resume_run(run: Run) -> None:
-    """Continue from RUN_DIR/last.pt if there is one: weights, optimizer, RNG and progress."""
+    """Continue from RUN_DIR/last.pt if there is one: weights, optimizer, RNG and progress.
+
+    Records that metrics.jsonl holds past the checkpoint's step (a run killed mid-epoch) go.
+    """
     path = run.run_dir / "last.pt"
     if not path.is_file():
         return
@@ -217,6 +254,10 @@ def resume_run(run: Run) -> None:
     if run.device.type == "cuda" and checkpoint["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
     run.state.update(checkpoint["progress"])
+    if run.world.is_main and run.metrics_path.is_file():
+        lines = run.metrics_path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if json.loads(line)["step"] <= run.state["step"]]
+        run.metrics_path.write_text("".join(kept), encoding="utf-8")
 
 
 def start_fresh_if_new(run: Run) -> None:
@@ -224,6 +265,8 @@ def start_fresh_if_new(run: Run) -> None:
     if run.state["step"] != 0:
         return
     run.model.init_head_bias(run.popularity)
+    if not run.world.is_main:
+        return
     run.metrics_path.unlink(missing_ok=True)
     for events in run.run_dir.glob("events.out.tfevents.*"):
         events.unlink()
@@ -233,11 +276,15 @@ def train_step(run: Run, inputs: torch.Tensor, labels: torch.Tensor) -> float:
     """One optimisation step on a batch; returns its loss, TrainingDiverged if it is not finite.
 
     The loss is read after the step (as before, one device sync per step); the weights it
-    touched are never saved, since the error ends the run before the next checkpoint.
+    touched are never saved, since the error ends the run before the next checkpoint. Under
+    torchrun the loss is scaled so that the averaged gradient is that of the global batch's
+    mean, and the value returned is that global mean.
     """
     inputs, labels = inputs.to(run.device), labels.to(run.device)
     with autocast(run.device):
-        loss = run.model.loss(inputs, labels)
+        loss = run.network(inputs, labels, run.sampler)
+    if run.world.distributed:
+        loss = loss * global_mean_factor(run.world, (labels != 0).sum())
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if run.config.train.grad_clip > 0:
@@ -245,7 +292,7 @@ def train_step(run: Run, inputs: torch.Tensor, labels: torch.Tensor) -> float:
     run.optimizer.step()
     run.scheduler.step()
     run.state["step"] += 1
-    value = float(loss.item())
+    value = float(mean_over_ranks(run.world, loss).item())
     if not math.isfinite(value):
         diverged(run, f"the loss is {value}")
     return value
@@ -254,8 +301,9 @@ def train_step(run: Run, inputs: torch.Tensor, labels: torch.Tensor) -> float:
 def diverged(run: Run, what: str) -> NoReturn:
     """Record the divergence in metrics.jsonl and raise TrainingDiverged naming epoch and step."""
     epoch, step = run.state["epoch"] + 1, run.state["step"]
-    append_jsonl(run.metrics_path, {"type": "diverged", "epoch": epoch, "step": step,
-                                    "reason": what})
+    if run.world.is_main:
+        append_jsonl(run.metrics_path, {"type": "diverged", "epoch": epoch, "step": step,
+                                        "reason": what})
     raise TrainingDiverged(
         f"training diverged in epoch {epoch} at step {step}: {what}; stopped, and no checkpoint "
         f"was written from these weights (lower train.lr)"
@@ -268,7 +316,8 @@ def log_steps(run: Run, writer: Any, loss: float, samples: int, seconds: float) 
     record = {"type": "step", "epoch": run.state["epoch"] + 1, "step": step,
               "loss": loss / samples, "lr": run.scheduler.get_last_lr()[0],
               "samples_per_s": samples / max(seconds, 1e-9)}
-    append_jsonl(run.metrics_path, record)
+    if run.world.is_main:
+        append_jsonl(run.metrics_path, record)
     writer.add_scalar("train/loss", record["loss"], step)
     writer.add_scalar("train/lr", record["lr"], step)
     writer.add_scalar("train/samples_per_s", record["samples_per_s"], step)
@@ -285,13 +334,15 @@ def train_epoch(
     """
     epoch = run.state["epoch"]
     run.batches.set_epoch(epoch)
+    if run.world.distributed:
+        torch.manual_seed(rank_seed(run.config.train.seed, epoch, run.world))
     run.model.train()
     epoch_loss, epoch_samples, epoch_started = 0.0, 0, time.perf_counter()
     window_loss, window_samples, window_started = 0.0, 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{run.config.train.epochs}", unit="batch",
                disable=not progress or not sys.stderr.isatty(), leave=False, dynamic_ncols=True)
     for inputs, labels in bar:
-        value, size = train_step(run, inputs, labels), len(inputs)
+        value, size = train_step(run, inputs, labels), len(inputs) * run.world.size
         epoch_loss += value * size
         epoch_samples += size
         window_loss += value * size
@@ -330,11 +381,15 @@ def validate_and_checkpoint(run: Run, stats: EpochStats, writer: Any, progress: 
     """Validate the epoch's model, update early stopping, log the epoch, write the checkpoints.
 
     last.pt every epoch; best.pt when validation NDCG@10 improved. Weights with a NaN or an
-    infinity raise TrainingDiverged first: they are neither validated nor saved.
+    infinity raise TrainingDiverged first: they are neither validated nor saved. Under
+    torchrun rank 0 alone validates and writes; the others take its progress.
     """
     bad = first_non_finite(run.model.state_dict())
     if bad is not None:
         diverged(run, f"weight {bad} is not finite")
+    if not run.world.is_main:
+        run.state.update(from_main(run.world, None))
+        return
     validation = evaluate_model(run.model, run.split.validation, run.config, run.device)
     state = run.state
     epoch = state["epoch"] = state["epoch"] + 1
@@ -364,6 +419,7 @@ def validate_and_checkpoint(run: Run, stats: EpochStats, writer: Any, progress: 
     save_checkpoint(run.run_dir / "last.pt", checkpoint)
     if improved:
         save_checkpoint(run.run_dir / "best.pt", checkpoint)
+    from_main(run.world, dict(state))
 
 
 def train(
@@ -374,6 +430,7 @@ def train(
     Writes last.pt every epoch, best.pt when validation NDCG@10 improves, metrics.jsonl and
     TensorBoard events into ``config.paths.run_dir``. ``stop_after`` ends this call after that
     many epochs, as an interruption would (a later ``resume=True`` call continues exactly).
+    Under torchrun every process calls this; rank 0 alone writes.
     """
     from torch.utils.tensorboard import SummaryWriter
 
@@ -381,9 +438,11 @@ def train(
     if resume:
         resume_run(run)
     start_fresh_if_new(run)
+    run.network = wrap_model(run.model, run.world, run.device)
     loader = torch.utils.data.DataLoader(run.batches, batch_size=None, shuffle=False,
                                          num_workers=config.train.num_workers)
-    writer = SummaryWriter(log_dir=str(run.run_dir))
+    progress = progress and run.world.is_main
+    writer = SummaryWriter(log_dir=str(run.run_dir)) if run.world.is_main else NoWriter()
     started, epochs_this_call = time.perf_counter(), 0
     try:
         while not run.done and (stop_after is None or epochs_this_call < stop_after):
@@ -392,6 +451,7 @@ def train(
             epochs_this_call += 1
     finally:
         writer.close()
+        leave_world(run.world)
     state = run.state
     return {"epochs": state["epoch"], "steps": state["step"], "best_epoch": state["best_epoch"],
             "best_val_ndcg@10": state["best_ndcg"], "stopped_early": state["stopped"],
@@ -522,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = overrides
         config = config_from_args(args)
         summary = train(config, resume=args.resume, progress=not args.quiet)
-        print(json.dumps(summary))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(summary))
         return 0
     except (ConfigError, DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
