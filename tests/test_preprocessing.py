@@ -142,7 +142,7 @@ def test_loaded_encoders_drop_and_count_songs_they_do_not_know(
 
 @pytest.mark.parametrize(("rows", "message"), [
     ([*PLAYLIST_SONGS, (9, 4, 1000030)], "playlist 9 has pos 4 more than once"),
-    ([(3, -1, 1000010)], r"playlist_songs.csv line 2: pos = -1 must be >= 0"),
+    ([(3, -1, 1000010)], "playlist_songs.csv line 2: pos = '-1' is outside the range [0, "),
     ([(3, 0, 1000010), (3, "x", 1000020)], r"playlist_songs.csv line 3: pos = 'x' is not an"),
     ([(3, 0, "1000010.5")], "line 2: song_id = '1000010.5' is not an integer"),
     ([(3, 0, "")], "line 2: song_id is empty"),
@@ -193,7 +193,7 @@ def test_missing_column_and_malformed_row_name_the_file(
         file.write("3,7,1000010,oops\n")
     status, _, err = run_main(["--data", str(tables), "--out", str(tmp_path / "out")], capsys)
     assert status == 2
-    assert "playlist_songs.csv: malformed row: Expected 3 fields in line 9, saw 4" in err
+    assert "playlist_songs.csv line 9: the row starting on this line has 4 fields" in err
 
 
 def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path: Path) -> None:
