@@ -2,7 +2,9 @@
 
 The one inference path of ``train.py --recommend``, the notebook and the service. It imports
 nothing from training (``train``, the optimizer, TensorBoard), so a service process loads only
-the network, the encoders and this file.
+the network, the encoders and this file. ``index``: ``exact`` scores every song; ``approximate``
+retrieves a shortlist from a faiss index and re-scores it exactly (retrieval.py); ``auto`` picks
+by catalog size.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from checkpoint import load_model
 from model import BERT4Rec
 from preprocessing_utils import FIRST_SONG_INDEX, MASK_INDEX, PAD_INDEX, Encoders
+from retrieval import ApproximateScorer, resolve_index_mode
 
 # columns per block of ``top_k``'s shortlist
 TOP_K_BLOCK = 128
@@ -74,11 +77,22 @@ class Recommender:
 
     def __init__(
         self, model: BERT4Rec, encoders: Encoders, popularity: torch.Tensor, model_version: str,
-        device: str | torch.device = "cpu", batch_size: int = 256,
+        device: str | torch.device = "cpu", batch_size: int = 256, index: str = "exact",
+        checkpoint: Path | None = None,
     ) -> None:
+        """``index``: exact, approximate or auto (see retrieval.py); ``checkpoint``: the file
+        the model came from, beside which the approximate index is saved and checked."""
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.scoring_matrix = self.model.scoring_matrix()
+        self.index_mode = resolve_index_mode(index, encoders.n_songs)
+        self.approximate: ApproximateScorer | None = None
+        self.scoring_matrix: torch.Tensor | None = None
+        if self.index_mode == "approximate":
+            if self.device.type != "cpu":
+                raise ValueError("the approximate index serves on the CPU only")
+            self.approximate = ApproximateScorer(self.model, checkpoint)
+        else:
+            self.scoring_matrix = self.model.scoring_matrix()
         self.encoders = encoders
         self.popularity = popularity.double().clone()
         self.popularity[:FIRST_SONG_INDEX] = -1.0
@@ -91,10 +105,17 @@ class Recommender:
         return self.encoders.n_songs
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> Recommender:
-        """Load a checkpoint written by train.py (weights_only; the encoders come with it)."""
+    def from_checkpoint(
+        cls, path: str | Path, device: str | torch.device = "cpu", index: str = "exact"
+    ) -> Recommender:
+        """Load a checkpoint written by train.py (weights_only; the encoders come with it).
+
+        With an approximate ``index``, its file beside the checkpoint is used if it carries
+        this checkpoint's hash, else built and saved there.
+        """
         loaded = load_model(path, device=device)
-        return cls(loaded.model, loaded.encoders, loaded.popularity, loaded.model_version, device)
+        return cls(loaded.model, loaded.encoders, loaded.popularity, loaded.model_version, device,
+                   index=index, checkpoint=Path(path))
 
     def recommend(
         self, playlists: Sequence[Sequence[int]], k: int = 10, exclude_seen: bool = True
@@ -145,6 +166,11 @@ class Recommender:
         for row, tokens in enumerate(sequences):
             window = tokens[-(width - 1) :]
             batch[row, width - 1 - len(window) : width - 1] = torch.from_numpy(window)
+        if self.approximate is not None:
+            for found in self.approximate.score(batch, sequences, k, exclude_seen):
+                yield None if found is None else (
+                    self.encoders.decode_songs(found[0]).tolist(), found[1].tolist())
+            return
         scores = self.model.predict_last(batch.to(self.device), self.scoring_matrix)
         # a NaN or infinity anywhere makes the row's sum non-finite; one pass, 17 us for 116k
         # songs where isfinite().all() takes 300 us (finite logits would have to be ~1e33 for

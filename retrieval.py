@@ -1,0 +1,321 @@
+"""Approximate top-k over the output head: a faiss index, pointer candidates, exact re-scoring.
+
+The head scores song s for a hidden state as ``x · v_s + b_s`` (plus, with the side pointer,
+copy scores that are non-zero only for songs of the playlist's visible artists and albums and
+for their album successors). The index holds ``[v_s, b_s]`` and is queried with ``[x, 1]``, so
+its inner product is the head's score. A shortlist (k + the playlist's length + a margin) is
+retrieved, the pointer's candidates are merged in, and every candidate is re-scored exactly:
+the answer is the exact one whenever the index finds the true top non-pointer songs. The index
+is IVF-flat over L2 after the standard reduction of inner product to distance (one more
+column, sqrt(M² - |row|²), with 0 in the query), which balances its lists: chosen by
+measurement, BENCHMARKS.md "Approximate retrieval". It is saved beside the checkpoint in
+faiss's own serialization with a JSON record of the checkpoint's SHA-256; a stale, foreign or
+damaged file is refused and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from checkpoint import read_weights_only
+from model import BERT4Rec
+from preprocessing_utils import FIRST_SONG_INDEX, atomic_write
+
+INDEX_MODES = ("exact", "approximate", "auto")
+# ``auto`` switches to the index from this catalog size on (the measured break-even)
+AUTO_MIN_SONGS = 60_000
+# extra songs retrieved beyond k + the playlist's length, before exact re-scoring
+SHORTLIST_MARGIN = 50
+# inverted lists scanned per query
+NPROBE = 128
+# songs scored per query to estimate the softmax's normalizer over the songs not re-scored
+TAIL_SAMPLE = 4096
+INDEX_FORMAT = "bert4musicrec-index-1"
+
+log = logging.getLogger(__name__)
+
+
+def resolve_index_mode(mode: str, n_songs: int) -> str:
+    """``exact`` or ``approximate`` for a setting of INDEX_MODES and a catalog size."""
+    if mode not in INDEX_MODES:
+        raise ValueError(f"index must be one of {', '.join(INDEX_MODES)}, not {mode!r}")
+    if mode == "auto":
+        return "approximate" if n_songs >= AUTO_MIN_SONGS else "exact"
+    return mode
+
+
+def head_rows(model: BERT4Rec) -> torch.Tensor:
+    """Every song token's head vector with its output bias appended, (n_song_tokens, width + 1)."""
+    with torch.no_grad():
+        vectors = model.song_vectors().detach().float()
+        bias = model.output_bias.detach().float()[:, None]
+        return torch.cat([vectors, bias], dim=1).contiguous()
+
+
+def n_lists(n_songs: int) -> int:
+    """Inverted lists for a catalog: the power of two nearest 4·sqrt(n), with >= 39 songs each."""
+    target = 4 * math.sqrt(max(n_songs, 1))
+    lists = 2 ** round(math.log2(target))
+    while lists > 1 and lists * 39 > n_songs:
+        lists //= 2
+    return lists
+
+
+def to_distance(vectors: np.ndarray) -> np.ndarray:
+    """Rows with sqrt(M² - |row|²) appended (M the largest norm): for a query with 0 there, a
+    smaller L2 distance is exactly a larger inner product."""
+    squared = np.einsum("nd,nd->n", vectors, vectors, dtype=np.float64)
+    extra = np.sqrt(np.maximum(squared.max() - squared, 0.0)).astype(np.float32)
+    return np.ascontiguousarray(np.concatenate([vectors, extra[:, None]], axis=1))
+
+
+def build_index(rows: np.ndarray) -> faiss.IndexIVFFlat:
+    """An IVF-flat L2 index over ``to_distance(rows)`` (ids = row numbers), nprobe = NPROBE."""
+    vectors = to_distance(rows)
+    songs, width = vectors.shape
+    lists = n_lists(songs)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(width), width, lists, faiss.METRIC_L2)
+    rng = np.random.default_rng(0)
+    sample = vectors[np.sort(rng.choice(songs, min(songs, 64 * lists), replace=False))]
+    index.train(sample)
+    index.add(vectors)
+    index.nprobe = min(NPROBE, lists)
+    return index
+
+
+def checkpoint_sha256(path: Path) -> str:
+    """The SHA-256 a checkpoint's envelope records for its state (read memory-mapped, cheap)."""
+    envelope = read_weights_only(path, path, mmap=True)
+    return str(envelope["sha256"])
+
+
+def index_files(checkpoint: Path) -> tuple[Path, Path]:
+    """The index file and its JSON record beside a checkpoint: ``best.pt.faiss(.json)``."""
+    index = checkpoint.with_name(checkpoint.name + ".faiss")
+    return index, index.with_name(index.name + ".json")
+
+
+def read_index(
+    checkpoint: Path, digest: str, songs: int, width: int
+) -> faiss.IndexIVFFlat | None:
+    """The saved index of this checkpoint, or None (with the reason logged) if it is missing,
+    stale (another checkpoint's hash), damaged (its bytes differ from the record) or of
+    another shape."""
+    index_path, record_path = index_files(checkpoint)
+    if not index_path.is_file() or not record_path.is_file():
+        return None
+    try:
+        record: dict[str, Any] = json.loads(record_path.read_text())
+        data = index_path.read_bytes()
+        reason = None
+        if record.get("format") != INDEX_FORMAT:
+            reason = "not a Bert4MusicRec index record"
+        elif record.get("checkpoint_sha256") != digest:
+            reason = "built for another checkpoint"
+        elif record.get("index_sha256") != hashlib.sha256(data).hexdigest():
+            reason = "its bytes do not match their recorded SHA-256"
+        if reason is None:
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+            if (not isinstance(index, faiss.IndexIVFFlat) or index.ntotal != songs
+                    or index.d != width + 1 or index.metric_type != faiss.METRIC_L2):
+                reason = "it is not an index of this model's head"
+            else:
+                return index
+    except (OSError, ValueError, RuntimeError) as error:
+        reason = f"unreadable ({type(error).__name__})"
+    log.warning("refusing index %s: %s; rebuilding it", index_path, reason)
+    return None
+
+
+def write_index(
+    index: faiss.IndexIVFFlat, checkpoint: Path, digest: str, build_seconds: float
+) -> None:
+    """Save the index beside its checkpoint (atomically), then its record; failures are logged
+    and the index stays in memory (a read-only model folder still serves)."""
+    index_path, record_path = index_files(checkpoint)
+    data = faiss.serialize_index(index).tobytes()
+    record = {"format": INDEX_FORMAT, "checkpoint_sha256": digest,
+              "index_sha256": hashlib.sha256(data).hexdigest(), "kind": "IVFFlat,L2",
+              "lists": int(index.nlist), "songs": int(index.ntotal),
+              "build_seconds": round(build_seconds, 3)}
+    try:
+        atomic_write(index_path, lambda file: file.write(data))
+        atomic_write(record_path, lambda file: file.write(json.dumps(record).encode()))
+    except OSError as error:
+        log.warning("could not save index %s (%s); serving it from memory", index_path, error)
+
+
+class Groups:
+    """Songs per album or per artist (CSR over a song -> group table), group 0 left out."""
+
+    def __init__(self, song_group: torch.Tensor) -> None:
+        table = song_group.cpu().numpy()
+        self.order = np.argsort(table, kind="stable")
+        self.starts = np.searchsorted(table[self.order], np.arange(int(table.max()) + 2))
+
+    def songs(self, groups: np.ndarray) -> np.ndarray:
+        """The song tokens of ``groups`` (group 0, [PAD]/[MASK]/unknown, has none)."""
+        groups = groups[groups != 0]
+        parts = [self.order[self.starts[group] : self.starts[group + 1]] for group in groups]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+class ApproximateScorer:
+    """Top-k song tokens of the head through the index, re-scored exactly (see module doc)."""
+
+    def __init__(self, model: BERT4Rec, checkpoint: Path | None = None) -> None:
+        self.model = model
+        self.rows = head_rows(model).cpu()
+        self.n_songs = len(self.rows) - FIRST_SONG_INDEX
+        # a NaN or infinity in the head makes every playlist's scores non-finite
+        self.finite = bool(torch.isfinite(self.rows[FIRST_SONG_INDEX:]).all())
+        self.build_seconds = 0.0
+        self.index: faiss.IndexIVFFlat | None = None
+        if self.finite:
+            self.index = self._load_or_build(checkpoint)
+        rng = np.random.default_rng(1)
+        sample = rng.choice(self.n_songs, min(self.n_songs, TAIL_SAMPLE), replace=False)
+        self.sample = np.sort(sample) + FIRST_SONG_INDEX
+        self.sample_rows = self.rows[torch.from_numpy(self.sample)].contiguous()
+        if model.side_pointer:
+            self.by_artist = Groups(model.song_artist)
+            self.by_album = Groups(model.song_album)
+
+    def memory_bytes(self) -> int:
+        """What this scorer holds: the index's vectors, ids and centroids, and the head rows."""
+        held = self.rows.numel() * 4 + self.sample_rows.numel() * 4
+        if self.index is not None:
+            held += self.index.ntotal * (self.index.d * 4 + 8) + self.index.nlist * self.index.d * 4
+        return held
+
+    def _load_or_build(self, checkpoint: Path | None) -> faiss.IndexIVFFlat:
+        """The saved index of ``checkpoint`` if it verifies, else a new one (saved there)."""
+        vectors = self.rows[FIRST_SONG_INDEX:].numpy()
+        digest = checkpoint_sha256(checkpoint) if checkpoint is not None else None
+        if checkpoint is not None and digest is not None:
+            index = read_index(checkpoint, digest, len(vectors), vectors.shape[1])
+            if index is not None:
+                return index
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        started = time.perf_counter()
+        index = build_index(vectors)
+        self.build_seconds = time.perf_counter() - started
+        log.info("built the song index (%d songs, %d lists) in %.1f s", len(vectors),
+                 index.nlist, self.build_seconds)
+        if checkpoint is not None and digest is not None:
+            write_index(index, checkpoint, digest, self.build_seconds)
+        return index
+
+    def score(
+        self, batch: torch.Tensor, sequences: list[np.ndarray], k: int, exclude_seen: bool
+    ) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """(song tokens, softmax probabilities) of each batch row's top-k, best first.
+
+        ``batch`` is the model's input (right-aligned, [MASK] last), ``sequences`` every
+        playlist's song tokens (excluded when ``exclude_seen``). None for a row whose scores
+        would not all be finite. The probabilities' normalizer is exact over the re-scored
+        songs plus an estimate of the rest from TAIL_SAMPLE fixed songs; the ranking is exact
+        over the candidates.
+        """
+        model = self.model
+        encoded = model.encode(batch, last_only=not model.side_pointer)
+        predicted = encoded[:, -1]
+        x = model.head_input(predicted).float().cpu()
+        queries = torch.cat([x, torch.ones(len(x), 1)], dim=1)
+        finite = torch.isfinite(queries).all(dim=1)
+        pointer = self._pointer_parts(encoded, batch) if model.side_pointer else None
+        if pointer is not None:
+            finite &= torch.cat([part.reshape(len(batch), -1) for part in pointer[:3]],
+                                dim=1).isfinite().all(dim=1)
+        if self.index is None:
+            return [None] * len(batch)
+        count = min(self.n_songs, k + max(len(tokens) for tokens in sequences) + SHORTLIST_MARGIN)
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        safe = torch.where(finite[:, None], queries, torch.zeros_like(queries))
+        padded = torch.cat([safe, torch.zeros(len(safe), 1)], dim=1)
+        _, found = self.index.search(padded.numpy(), count)
+        results: list[tuple[np.ndarray, np.ndarray] | None] = []
+        for row, tokens in enumerate(sequences):
+            if not finite[row]:
+                results.append(None)
+                continue
+            candidates = found[row][found[row] >= 0] + FIRST_SONG_INDEX
+            visible = batch[row][batch[row] >= FIRST_SONG_INDEX].cpu().numpy()
+            if pointer is not None:
+                candidates = np.concatenate([candidates, self._pointer_candidates(visible)])
+            candidates = np.unique(candidates)
+            seen = np.unique(tokens) if exclude_seen else np.zeros(0, dtype=np.int64)
+            candidates = candidates[~np.isin(candidates, seen)]
+            chosen = torch.from_numpy(candidates)
+            scores = self.rows[chosen] @ queries[row]
+            if pointer is not None:
+                scores += self._pointer_scores(pointer, row, batch[row].cpu(), chosen)
+            log_total = self._log_normalizer(scores, queries[row], candidates, seen)
+            top = scores.topk(min(k, len(scores)))
+            results.append((candidates[top.indices.numpy()],
+                            (top.values - log_total).exp().numpy()))
+        return results
+
+    def _log_normalizer(
+        self, scores: torch.Tensor, query: torch.Tensor, candidates: np.ndarray, seen: np.ndarray
+    ) -> torch.Tensor:
+        """log Σ exp(score) over every song not excluded: the candidates exactly, the others
+        as the fixed sample's mean times their number."""
+        rest = self.n_songs - len(candidates) - len(seen)
+        outside = ~np.isin(self.sample, candidates) & ~np.isin(self.sample, seen)
+        if rest <= 0 or not outside.any():
+            return scores.logsumexp(dim=0)
+        tail = self.sample_rows[torch.from_numpy(outside)] @ query
+        estimate = tail.logsumexp(dim=0) + math.log(rest / int(outside.sum()))
+        return torch.logaddexp(scores.logsumexp(dim=0), estimate)
+
+    def _pointer_parts(
+        self, encoded: torch.Tensor, batch: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The side pointer's gates (B, 3), attention and successor attention (B, L) per row."""
+        model = self.model
+        predicted = encoded[:, -1]
+        visible = batch >= FIRST_SONG_INDEX
+        keys = model.pointer_key(encoded)
+        gates = torch.nn.functional.softplus(model.pointer_gate(predicted))
+        attention = model._pointer_attention(model.pointer_query(predicted), keys, visible)
+        successor = model._pointer_attention(model.successor_query(predicted), keys, visible)
+        return gates.float().cpu(), attention.float().cpu(), successor.float().cpu()
+
+    def _pointer_candidates(self, visible: np.ndarray) -> np.ndarray:
+        """Every song the pointer scores above 0: the visible artists' and albums' songs and
+        the visible songs' album successors."""
+        model = self.model
+        successors = model.song_successor[torch.from_numpy(visible)].cpu().numpy()
+        return np.concatenate([
+            self.by_artist.songs(np.unique(model.song_artist[torch.from_numpy(visible)].numpy())),
+            self.by_album.songs(np.unique(model.song_album[torch.from_numpy(visible)].numpy())),
+            successors[successors != 0],
+        ])
+
+    def _pointer_scores(
+        self, pointer: tuple[torch.Tensor, torch.Tensor, torch.Tensor], row: int,
+        tokens: torch.Tensor, chosen: torch.Tensor,
+    ) -> torch.Tensor:
+        """The pointer's copy scores of songs ``chosen`` for one row: what ``pointer_logits``
+        gives at those songs, without building its row over the whole catalog."""
+        model = self.model
+        gates, attention, successor = (part[row] for part in pointer)
+        total = torch.zeros(len(chosen))
+        for gate, table in zip(gates[:2], (model.song_artist, model.song_album), strict=True):
+            group = table[chosen]
+            same = (table[tokens][None, :] == group[:, None]) & (group != 0)[:, None]
+            total += gate * (same * attention).sum(dim=1)
+        following = model.song_successor[tokens]
+        same = (following[None, :] == chosen[:, None]) & (following != 0)[None, :]
+        return total + gates[2] * (same * successor).sum(dim=1)
