@@ -367,6 +367,8 @@ class Settings:
     max_content_length: int = 64 * 1024
     max_song_ids: int = 500
     torch_threads: int = 0
+    # exact, approximate or auto: how the Recommender finds its top-k (retrieval.py)
+    recommender_index: str = "auto"
     shutdown_seconds: float = 20.0
     request_read_seconds: float = 10.0
 
@@ -413,6 +415,8 @@ class Settings:
         _check(self.port <= 65535, "PORT", "must be at most 65535")
         _check(self.torch_threads >= 0, "TORCH_THREADS",
                "must not be negative (0 keeps torch's default)")
+        _check(self.recommender_index in ("exact", "approximate", "auto"), "RECOMMENDER_INDEX",
+               "must be exact, approximate or auto")
         _check(self.pool_size >= self.job_threads + 1, "POOL_SIZE",
                "must exceed JOB_THREADS so requests still get a connection while every worker "
                "holds one")

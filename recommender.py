@@ -77,7 +77,7 @@ class Recommender:
 
     def __init__(
         self, model: BERT4Rec, encoders: Encoders, popularity: torch.Tensor, model_version: str,
-        device: str | torch.device = "cpu", batch_size: int = 256, index: str = "exact",
+        device: str | torch.device = "cpu", batch_size: int = 256, index: str = "auto",
         checkpoint: Path | None = None,
     ) -> None:
         """``index``: exact, approximate or auto (see retrieval.py); ``checkpoint``: the file
@@ -106,7 +106,7 @@ class Recommender:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str | torch.device = "cpu", index: str = "exact"
+        cls, path: str | Path, device: str | torch.device = "cpu", index: str = "auto"
     ) -> Recommender:
         """Load a checkpoint written by train.py (weights_only; the encoders come with it).
 

@@ -128,7 +128,7 @@ class RecommendationService:
         try:
             from recommender import Recommender
 
-            return Recommender.from_checkpoint(path)
+            return Recommender.from_checkpoint(path, index=self.settings.recommender_index)
         except Exception as error:
             self.model_error = f"model not loaded: {first_line(error)}"
             log.exception("loading %s failed", path)

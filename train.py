@@ -3,7 +3,7 @@
     python train.py --preset demo|full --data DIR [--run-dir DIR] [--config FILE]
                     [--set section.key=value ...] [--resume] [--seed N] [--threads N]
     python train.py --evaluate CHECKPOINT --data DIR [--split test|validation] [--exclude-seen]
-    python train.py --recommend CHECKPOINT --sequence CSV --catalog DIR [--k 10]
+    python train.py --recommend CHECKPOINT --sequence CSV --catalog DIR [--k 10] [--index auto]
 
 Metrics and baselines live in evaluation.py, checkpoints in checkpoint.py and serving in
 recommender.py; this module only trains, and runs the other two jobs for its command line.
@@ -541,6 +541,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sequence", type=Path, help="CSV with columns pos,song_id")
     parser.add_argument("--catalog", type=Path, help="folder with songs/albums/artists CSVs")
     parser.add_argument("--k", type=int, default=10, help="how many songs to recommend")
+    parser.add_argument("--index", choices=("exact", "approximate", "auto"), default="auto",
+                        help="--recommend's retrieval: score every song, a faiss shortlist "
+                             "re-scored exactly, or by catalog size (default)")
     return parser.parse_args(argv)
 
 
@@ -555,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.threads:
                 torch.set_num_threads(args.threads)
             sequence = read_sequence_csv(args.sequence)
-            recommender = Recommender.from_checkpoint(args.recommend)
+            recommender = Recommender.from_checkpoint(args.recommend, index=args.index)
             result = recommender.recommend([sequence], k=args.k,
                                            exclude_seen=args.exclude_seen is not False)[0]
             print(f"model {recommender.model_version}")
