@@ -46,11 +46,13 @@ from db import CSV_COLUMNS
 from preprocessing_utils import (
     RAW_FEATURE_FIELDS,
     SONG_COLUMNS,
+    TRAINING_NPZ,
     DataError,
     Encoders,
     Sequences,
     check_songs,
     count_feature_cleaning,
+    replace_folder,
     save_training_file,
 )
 
@@ -550,6 +552,24 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _check_output_folder(out_dir: Path) -> None:
+    """DataError unless ``out_dir`` is new or holds only a previous run's output.
+
+    The folder is replaced as a whole (see ``preprocessing_utils.replace_folder``), so anything
+    else in it would be lost.
+    """
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise DataError(f"{out_dir}: --out is not a folder")
+    foreign = sorted(entry.name for entry in out_dir.iterdir()
+                     if entry.name not in (TRAINING_NPZ, ENCODERS_SUBDIR))
+    if foreign:
+        raise DataError(f"{out_dir}: --out holds {foreign[0]!r}, which is not preprocessing "
+                        f"output; the folder is replaced as a whole, so choose a new or empty "
+                        f"folder")
+
+
 def preprocess(
     source: str,
     out_dir: Path,
@@ -561,9 +581,13 @@ def preprocess(
 ) -> dict[str, object]:
     """Read a source, fit or load encoders, write out_dir/training.npz and out_dir/encoders/.
 
-    Returns the summary (counts, cleaning report, fingerprints, seconds).
+    ``out_dir`` is replaced as a whole (a reader sees the old set or the new one, never the new
+    training file beside old encoders). Returns the summary (counts, cleaning report,
+    fingerprints, seconds).
     """
     started = time.perf_counter()
+    out_dir = Path(out_dir)
+    _check_output_folder(out_dir)
     encoders = Encoders.load(Path(encoders_dir)) if encoders_dir is not None else None
     if source == "csv":
         data = read_csv_source(Path(data_dir if data_dir is not None else DEMO_DATA_DIR))
@@ -576,10 +600,13 @@ def preprocess(
     else:
         raise DataError(f"unknown source {source!r} (use csv or postgres)")
     encoders, sequences, report = build_sequences(data, encoders)
-    out_dir = Path(out_dir)
-    training_path = save_training_file(out_dir, sequences.playlist_ids, sequences.offsets,
-                                       sequences.songs)
-    encoders.save(out_dir / ENCODERS_SUBDIR)
+
+    def write(folder: Path) -> None:
+        save_training_file(folder, sequences.playlist_ids, sequences.offsets, sequences.songs)
+        encoders.save(folder / ENCODERS_SUBDIR)
+
+    replace_folder(out_dir, write)
+    training_path = out_dir / TRAINING_NPZ
     if refit_dir is not None:
         encoders.save(Path(refit_dir))
     lengths = sequences.lengths
