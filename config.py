@@ -9,6 +9,7 @@ reads ``Settings`` from the environment through the same typed coercion (``_coer
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import math
 import os
@@ -343,6 +344,18 @@ def default_database_url(environ: Mapping[str, str] | None = None) -> str:
     return (os.environ if environ is None else environ).get("DATABASE_URL", DEFAULT_DATABASE_URL)
 
 
+def _is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (IPv6 with or without brackets); any other
+    name or address may be reachable from other machines."""
+    name = host.strip().removeprefix("[").removesuffix("]")
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class Settings:
     """Service settings; each field is read from the environment variable of its upper-case name."""
@@ -351,7 +364,9 @@ class Settings:
     model_path: Path = RUNS_DIR / "demo" / "best.pt"
     catalog_dir: Path | None = None
     api_token: str = ""
+    metrics_public: bool = False
     host: str = "127.0.0.1"
+    allow_unauthenticated_remote: bool = False
     port: int = 8000
     workers: int = 2
     threads: int = 4
@@ -364,6 +379,13 @@ class Settings:
     retry_max_seconds: float = 300.0
     pool_size: int = 10
     db_connect_timeout: int = 3
+    db_statement_timeout_seconds: float = 10.0
+    db_ready_timeout_seconds: float = 2.0
+    db_catalog_timeout_seconds: float = 120.0
+    db_keepalives_idle: int = 10
+    db_keepalives_interval: int = 5
+    db_keepalives_count: int = 3
+    db_tcp_user_timeout_seconds: float = 10.0
     max_content_length: int = 64 * 1024
     max_song_ids: int = 500
     torch_threads: int = 0
@@ -377,7 +399,8 @@ class Settings:
         """Settings from ``environ`` (default: the process environment plus a ``.env`` file).
 
         Values go through ``_coerce``, so an error names the variable; an empty CATALOG_DIR
-        means none.
+        means none. An API_TOKEN of only whitespace is kept as it is, so that ``validate``
+        refuses it instead of running without a token.
         """
         if environ is None:
             from dotenv import load_dotenv
@@ -394,6 +417,8 @@ class Settings:
             current = getattr(defaults, item.name)
             if item.name == "catalog_dir":
                 values[item.name] = _coerce(name, Path(), text) if text else None
+            elif item.name == "api_token":
+                values[item.name] = text or environ[name]
             else:
                 values[item.name] = _coerce(name, current, text)
         settings = cls(**values)
@@ -404,15 +429,26 @@ class Settings:
         """Raise ConfigError naming the first setting that is out of range."""
         at_least_one = ("port", "workers", "threads", "job_threads", "job_batch_size",
                         "max_attempts", "pool_size", "db_connect_timeout", "max_content_length",
-                        "max_song_ids")
+                        "max_song_ids", "db_keepalives_idle", "db_keepalives_interval",
+                        "db_keepalives_count")
         for name in at_least_one:
             _check(getattr(self, name) >= 1, name.upper(), "must be at least 1")
         positive = ("lease_seconds", "poll_seconds", "retry_base_seconds", "retry_max_seconds",
-                    "shutdown_seconds", "request_read_seconds")
+                    "shutdown_seconds", "request_read_seconds", "db_statement_timeout_seconds",
+                    "db_ready_timeout_seconds", "db_catalog_timeout_seconds",
+                    "db_tcp_user_timeout_seconds")
         for name in positive:
             value = getattr(self, name)
             _check(math.isfinite(value) and value > 0, name.upper(), "must be positive and finite")
         _check(self.port <= 65535, "PORT", "must be at most 65535")
+        _check(self.db_ready_timeout_seconds <= 5, "DB_READY_TIMEOUT_SECONDS",
+               "must be at most 5 (/ready answers within 5 s)")
+        _check(self.api_token == self.api_token.strip(), "API_TOKEN",
+               "must not be blank or begin or end with whitespace (leave it empty for no token)")
+        _check(bool(self.api_token) or self.allow_unauthenticated_remote
+               or _is_loopback(self.host), "HOST",
+               f"{self.host!r} is not a loopback address and API_TOKEN is empty: set API_TOKEN, "
+               "or ALLOW_UNAUTHENTICATED_REMOTE=true to serve every route without a token")
         _check(self.torch_threads >= 0, "TORCH_THREADS",
                "must not be negative (0 keeps torch's default)")
         _check(self.recommender_index in ("exact", "approximate", "auto"), "RECOMMENDER_INDEX",

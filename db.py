@@ -13,7 +13,9 @@ import csv
 import functools
 import os
 import random
+import selectors
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,11 +24,19 @@ from typing import Any, TypeVar
 import psycopg2
 import psycopg2.pool
 from psycopg2 import sql
-from psycopg2.extensions import TRANSACTION_STATUS_IDLE, parse_dsn
+from psycopg2.extensions import (
+    POLL_OK,
+    POLL_READ,
+    POLL_WRITE,
+    TRANSACTION_STATUS_IDLE,
+    get_wait_callback,
+    parse_dsn,
+    set_wait_callback,
+)
 from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import cursor as Cursor
 
-from config import SQL_DIR
+from config import SQL_DIR, Settings
 from preprocessing_utils import RAW_FEATURE_FIELDS, DataError
 
 BIGINT_MAX = 2**63 - 1
@@ -76,16 +86,116 @@ def describe_dsn(dsn: str) -> str:
             f"{parts.get('port', '5432')}/{parts.get('dbname', '')}")
 
 
-def connection_options(connect_timeout: int) -> dict[str, Any]:
-    """libpq options of every service connection: bounded connect time, TCP keepalives."""
+def connection_options(dsn: str, settings: Settings,
+                       statement_seconds: float | None = None) -> dict[str, Any]:
+    """libpq options of every service connection: bounded connect time, TCP keepalives and
+    ``tcp_user_timeout`` (a dead peer is noticed), and a server-side ``statement_timeout``
+    (DB_STATEMENT_TIMEOUT_SECONDS unless ``statement_seconds``) added to the DSN's options."""
+    seconds = settings.db_statement_timeout_seconds if statement_seconds is None \
+        else statement_seconds
+    try:
+        given = parse_dsn(dsn).get("options", "")
+    except psycopg2.ProgrammingError:
+        given = ""
     return {
-        "connect_timeout": connect_timeout,
+        "connect_timeout": settings.db_connect_timeout,
         "keepalives": 1,
-        "keepalives_idle": 10,
-        "keepalives_interval": 5,
-        "keepalives_count": 3,
+        "keepalives_idle": settings.db_keepalives_idle,
+        "keepalives_interval": settings.db_keepalives_interval,
+        "keepalives_count": settings.db_keepalives_count,
+        "tcp_user_timeout": max(1, round(settings.db_tcp_user_timeout_seconds * 1000)),
+        "options": f"{given} -c statement_timeout={max(1, round(seconds * 1000))}".strip(),
         "application_name": "bert4musicrec",
     }
+
+
+# -- client-side deadlines ----------------------------------------------------------------------
+#
+# A frozen server (or a network that drops packets) leaves a socket open and silent; neither
+# statement_timeout (the server must run to enforce it) nor keepalives (the kernel still ACKs)
+# end the wait. So long-running service processes install a psycopg2 wait callback that polls
+# each connection against this thread's deadline. psycopg2 refuses COPY while any wait callback
+# is installed, which is why CLI commands do not install it and ``blocking_waits`` lifts it.
+
+_deadlines = threading.local()
+_callback_lock = threading.Lock()
+_callback_users = 0
+
+
+@contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Every database wait of this thread inside the block ends ``seconds`` from now at the
+    latest (an enclosing earlier deadline still holds); expiry raises OperationalError."""
+    outer: tuple[float, float] | None = getattr(_deadlines, "limit", None)
+    limit = (time.monotonic() + seconds, seconds)
+    _deadlines.limit = outer if outer is not None and outer[0] <= limit[0] else limit
+    try:
+        yield
+    finally:
+        _deadlines.limit = outer
+
+
+def _remaining() -> float | None:
+    """Seconds left before this thread's deadline, or None without one."""
+    limit: tuple[float, float] | None = getattr(_deadlines, "limit", None)
+    return None if limit is None else limit[0] - time.monotonic()
+
+
+def _expired() -> psycopg2.OperationalError:
+    """The error of a wait that ran past this thread's deadline."""
+    limit: tuple[float, float] = _deadlines.limit
+    return psycopg2.OperationalError(f"database did not answer within {limit[1]:g} s")
+
+
+def wait_with_deadline(connection: Connection) -> None:
+    """psycopg2 wait callback: poll ``connection`` until done or this thread's deadline."""
+    while True:
+        state = connection.poll()
+        if state == POLL_OK:
+            return
+        if state == POLL_READ:
+            events = selectors.EVENT_READ
+        elif state == POLL_WRITE:
+            events = selectors.EVENT_WRITE
+        else:
+            raise psycopg2.OperationalError(f"unexpected connection poll state {state}")
+        timeout = _remaining()
+        if timeout is not None and timeout <= 0:
+            raise _expired()
+        with selectors.DefaultSelector() as selector:
+            selector.register(connection.fileno(), events)
+            if not selector.select(timeout) and timeout is not None:
+                raise _expired()
+
+
+def install_wait_deadlines() -> None:
+    """Make every database wait of this process honour ``deadline`` (until a matching
+    ``remove_wait_deadlines``); for the long-running service and worker processes only."""
+    global _callback_users
+    with _callback_lock:
+        _callback_users += 1
+        set_wait_callback(wait_with_deadline)
+
+
+def remove_wait_deadlines() -> None:
+    """Undo one ``install_wait_deadlines``; the callback goes when the last user stops."""
+    global _callback_users
+    with _callback_lock:
+        _callback_users = max(0, _callback_users - 1)
+        if _callback_users == 0:
+            set_wait_callback(None)
+
+
+@contextmanager
+def blocking_waits() -> Iterator[None]:
+    """Lift the wait callback for the block (psycopg2 refuses COPY while one is installed)."""
+    with _callback_lock:
+        previous = get_wait_callback()
+        set_wait_callback(None)
+        try:
+            yield
+        finally:
+            set_wait_callback(previous)
 
 
 def connect(dsn: str, **options: Any) -> Connection:
@@ -146,77 +256,91 @@ class LazyConnectionPool(psycopg2.pool.ThreadedConnectionPool):
 
 
 class Database:
-    """A thread-safe connection pool that discards broken connections instead of reusing them."""
+    """A thread-safe connection pool that discards broken connections instead of reusing them.
 
-    def __init__(self, dsn: str, size: int, connect_timeout: int) -> None:
+    Every borrow has a deadline (``timeout``, default DB_STATEMENT_TIMEOUT_SECONDS) covering the
+    wait for a pool slot, the connect, the statements and the commit; where the wait callback
+    is installed (``install_wait_deadlines``) a silent database raises at that deadline.
+    """
+
+    def __init__(self, settings: Settings) -> None:
         """Remember the settings; nothing connects until the first use."""
-        self.dsn = dsn
-        self.size = size
-        self.connect_timeout = connect_timeout
+        self.dsn = settings.database_url
+        self.size = settings.pool_size
+        self.timeout = settings.db_statement_timeout_seconds
+        self.options = connection_options(self.dsn, settings)
         self._pool: LazyConnectionPool | None = None
         self._pool_pid = 0
-        self._slots = threading.BoundedSemaphore(size)
+        self._slots = threading.BoundedSemaphore(self.size)
         self._lock = threading.Lock()
 
     def _current_pool(self) -> LazyConnectionPool:
         """The pool of this process; a forked child never reuses its parent's sockets."""
         with self._lock:
             if self._pool is None or self._pool_pid != os.getpid():
-                self._pool = LazyConnectionPool(self.size, self.dsn,
-                                                **connection_options(self.connect_timeout))
+                self._pool = LazyConnectionPool(self.size, self.dsn, **self.options)
                 self._pool_pid = os.getpid()
             return self._pool
 
     @contextmanager
-    def connection(self) -> Iterator[Connection]:
-        """Borrow a connection; it goes back rolled back, or closed when it is broken."""
-        if not self._slots.acquire(timeout=max(10.0, self.connect_timeout)):
-            raise DatabaseUnavailable("connection pool exhausted")
-        try:
-            pool = self._current_pool()
+    def connection(self, timeout: float | None = None) -> Iterator[Connection]:
+        """Borrow a connection within ``timeout`` s; it goes back rolled back, or closed when
+        it is broken (a wait past the deadline breaks it)."""
+        with deadline(self.timeout if timeout is None else timeout):
+            remaining = _remaining() or 0.0
+            if remaining <= 0:
+                raise DatabaseUnavailable(first_line(_expired()))
+            if not self._slots.acquire(timeout=remaining):
+                raise DatabaseUnavailable("connection pool exhausted")
             try:
-                connection = pool.getconn()
-            except (psycopg2.Error, psycopg2.pool.PoolError) as error:
-                raise DatabaseUnavailable(first_line(error)) from error
-            broken = False
-            try:
-                yield connection
-            except BaseException as error:
-                broken = isinstance(error, DATABASE_ERRORS)
-                if not broken and not connection.closed:
-                    try:
-                        connection.rollback()
-                    except psycopg2.Error:
-                        broken = True
-                raise
+                pool = self._current_pool()
+                try:
+                    connection = pool.getconn()
+                except (psycopg2.Error, psycopg2.pool.PoolError) as error:
+                    raise DatabaseUnavailable(first_line(error)) from error
+                broken = False
+                try:
+                    yield connection
+                except BaseException as error:
+                    broken = isinstance(error, DATABASE_ERRORS)
+                    if not broken and not connection.closed:
+                        try:
+                            connection.rollback()
+                        except psycopg2.Error:
+                            broken = True
+                    raise
+                finally:
+                    pool.putconn(connection, close=broken or bool(connection.closed))
             finally:
-                pool.putconn(connection, close=broken or bool(connection.closed))
-        finally:
-            self._slots.release()
+                self._slots.release()
 
     @contextmanager
-    def transaction(self) -> Iterator[Cursor]:
+    def transaction(self, timeout: float | None = None) -> Iterator[Cursor]:
         """A cursor inside one transaction, committed when the block ends without error."""
-        with self.connection() as connection:
+        with self.connection(timeout) as connection:
             with connection.cursor() as cursor:
                 yield cursor
             connection.commit()
 
-    def run(self, work: Callable[[Cursor], T], retries: int = 1) -> T:
-        """Run ``work(cursor)`` in a transaction; retry on a fresh connection if one broke."""
-        for attempt in range(retries + 1):
-            try:
-                with self.transaction() as cursor:
-                    return work(cursor)
-            except DATABASE_ERRORS as error:
-                if attempt == retries:
-                    raise DatabaseUnavailable(first_line(error)) from error
+    def run(self, work: Callable[[Cursor], T], retries: int = 1,
+            timeout: float | None = None) -> T:
+        """Run ``work(cursor)`` in a transaction; retry on a fresh connection if one broke,
+        all attempts within one deadline of ``timeout`` s."""
+        with deadline(self.timeout if timeout is None else timeout):
+            for attempt in range(retries + 1):
+                try:
+                    with self.transaction() as cursor:
+                        return work(cursor)
+                except DATABASE_ERRORS as error:
+                    if attempt == retries:
+                        raise DatabaseUnavailable(first_line(error)) from error
         raise AssertionError("unreachable")
 
-    def check(self) -> str | None:
-        """None when the database answers and holds the service schema, else the reason."""
+    def check(self, timeout: float) -> str | None:
+        """None when the database answers within ``timeout`` s and holds the service schema,
+        else the reason."""
         try:
-            present = self.run(schema_present)
+            present = self.run(schema_present, timeout=timeout)
         except DatabaseUnavailable as error:
             return f"database unreachable: {error}"
         return None if present else SCHEMA_MISSING
@@ -326,7 +450,7 @@ def load_csv_tables(connection: Connection, data_dir: Path) -> dict[str, int]:
             cursor.execute(sql.SQL(sql_text("load_staging")).format(**names))
             path = data_dir / f"{table}.csv"
             try:
-                with path.open(encoding="utf-8-sig", newline="") as file:
+                with path.open(encoding="utf-8-sig", newline="") as file, blocking_waits():
                     cursor.copy_expert(sql.SQL(sql_text("load_copy")).format(**names), file)
                 cursor.execute(sql.SQL(sql_text("load_insert")).format(**names))
             except (psycopg2.DataError, psycopg2.IntegrityError) as error:
@@ -336,9 +460,9 @@ def load_csv_tables(connection: Connection, data_dir: Path) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def connected(dsn: str) -> Iterator[Connection]:
-    """A connection to ``dsn`` for one block, closed afterwards (for CLI commands)."""
-    connection = connect(dsn)
+def connected(dsn: str, **options: Any) -> Iterator[Connection]:
+    """A connection to ``dsn`` with libpq ``options`` for one block, closed afterwards."""
+    connection = connect(dsn, **options)
     try:
         yield connection
     finally:
