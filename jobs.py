@@ -23,6 +23,7 @@ from datetime import datetime
 from typing import Protocol, TypeVar
 
 import psycopg2
+import psycopg2.errors
 from prometheus_client import Counter, Gauge, Histogram
 from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import cursor as Cursor
@@ -34,7 +35,7 @@ from db import (
     Database,
     DatabaseUnavailable,
     connect,
-    connection_options,
+    deadline,
     fetch_one,
     first_line,
     read_playlists,
@@ -134,9 +135,17 @@ class StoredRanking:
 # -- statements ---------------------------------------------------------------------------------
 
 
+class PlaylistNotFound(LookupError):
+    """An enqueue named a playlist that is not in ``playlists``; no job was made."""
+
+
 def enqueue(cursor: Cursor, playlist_id: int, k: int) -> int:
-    """Commit-ready job for a playlist (or its already open one); returns the job id."""
-    cursor.execute(sql_text("jobs_enqueue"), {"playlist_id": playlist_id, "k": k})
+    """Commit-ready job for a playlist (or its already open one, a queued one taking ``k``);
+    returns the job id, or raises PlaylistNotFound for an unknown playlist."""
+    try:
+        cursor.execute(sql_text("jobs_enqueue"), {"playlist_id": playlist_id, "k": k})
+    except psycopg2.errors.NoDataFound as error:
+        raise PlaylistNotFound(f"playlist {playlist_id} not found") from error
     return int(fetch_one(cursor)[0])
 
 
@@ -244,20 +253,37 @@ def _tokens(claimed: Sequence[ClaimedJob]) -> dict[str, list[int]]:
 # -- scoring ------------------------------------------------------------------------------------
 
 
-def ranked(playlist_id: int, result: Result) -> Ranked:
-    """Keep the finite-scored songs of a model answer, in rank order."""
-    pairs = [(int(song), float(score))
-             for song, score in zip(result.song_ids, result.scores, strict=True)
-             if math.isfinite(float(score))]
-    return Ranked(playlist_id, [song for song, _ in pairs], [score for _, score in pairs])
+class UnusableAnswer(ValueError):
+    """A model answer that must not be served or stored: non-finite scores, or no songs."""
+
+
+def ranked(playlist_id: int, result: Result, candidates: int | None = None) -> Ranked:
+    """A model answer as a ranking; UnusableAnswer when a score is NaN or infinite, or when
+    it holds no song although ``candidates`` (songs it could recommend; unknown: some) > 0."""
+    scores = [float(score) for score in result.scores]
+    if not all(math.isfinite(score) for score in scores):
+        raise UnusableAnswer("the model gave NaN or infinite scores: its answer cannot be used")
+    if not result.song_ids and (candidates is None or candidates > 0):
+        raise UnusableAnswer("the model answered no songs although the catalog has songs to "
+                             "recommend")
+    return Ranked(playlist_id, [int(song) for song in result.song_ids], scores)
+
+
+def candidate_count(scorer: Scorer, playlist: Sequence[int], exclude_seen: bool) -> int | None:
+    """How many songs ``scorer`` could recommend after ``playlist`` (None when it does not
+    say how many songs it knows, as test doubles may not)."""
+    n_songs = getattr(scorer, "n_songs", None)
+    if not isinstance(n_songs, int):
+        return None
+    return n_songs - len(set(playlist)) if exclude_seen else n_songs
 
 
 def score_playlists(scorer: Scorer, playlists: Sequence[tuple[int, list[int]]], k: int,
                     exclude_seen: bool = True) -> list[Ranked]:
-    """Score several playlists in one model call."""
+    """Score several playlists in one model call; UnusableAnswer if any answer is unusable."""
     results = scorer.recommend([songs for _, songs in playlists], k=k, exclude_seen=exclude_seen)
-    return [ranked(playlist_id, result)
-            for (playlist_id, _), result in zip(playlists, results, strict=True)]
+    return [ranked(playlist_id, result, candidate_count(scorer, songs, exclude_seen))
+            for (playlist_id, songs), result in zip(playlists, results, strict=True)]
 
 
 # -- worker threads -----------------------------------------------------------------------------
@@ -409,15 +435,23 @@ class QueueWorkers:
                 by_k.setdefault(job.k, []).append(job)
         for k, group in by_k.items():
             try:
-                rankings = score_playlists(
-                    self.recommender, [(job.playlist_id, playlists[job.playlist_id])
-                                       for job in group], k=k)
+                results = self.recommender.recommend(
+                    [playlists[job.playlist_id] for job in group], k=k, exclude_seen=True)
             except Exception as error:
                 log.exception("model failed on a batch of %d jobs", len(group))
                 reason = f"model error: {type(error).__name__}: {first_line(error)}"
                 failures.extend(Failure(job, reason, permanent=False) for job in group)
                 continue
-            finished.extend(zip(group, rankings, strict=True))
+            for job, result in zip(group, results, strict=True):
+                songs = playlists[job.playlist_id]
+                try:
+                    finished.append((job, ranked(job.playlist_id, result, candidate_count(
+                        self.recommender, songs, exclude_seen=True))))
+                except UnusableAnswer as error:
+                    # the same model gives the same answer again: fail now, keep what is stored
+                    log.error("job %d (playlist %d) failed: %s", job.job_id, job.playlist_id,
+                              error)
+                    failures.append(Failure(job, f"model error: {error}", permanent=True))
         return finished, failures
 
     def _store(self, finished: Finished, failures: list[Failure]) -> None:
@@ -473,11 +507,11 @@ class QueueWorkers:
         while not self._stopping.is_set():
             connection = None
             try:
-                connection = connect(self.database.dsn,
-                                     **connection_options(self.settings.db_connect_timeout))
-                connection.autocommit = True
-                with connection.cursor() as cursor:
-                    listen(cursor)
+                with deadline(self.database.timeout):
+                    connection = connect(self.database.dsn, **self.database.options)
+                    connection.autocommit = True
+                    with connection.cursor() as cursor:
+                        listen(cursor)
                 backoff.reset()
                 self._wake.notify()
                 self._listen_on(connection)
@@ -494,7 +528,7 @@ class QueueWorkers:
     def _listen_on(self, connection: Connection) -> None:
         """Wait for notifications on one connection; reclaim expired leases meanwhile."""
         while not self._stopping.is_set():
-            with connection.cursor() as cursor:
+            with deadline(self.database.timeout), connection.cursor() as cursor:
                 reclaimed = reclaim(cursor, self.settings.max_attempts)
             if reclaimed:
                 log.warning("reclaimed %d jobs whose lease expired", len(reclaimed))

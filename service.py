@@ -20,12 +20,26 @@ from prometheus_client import Gauge
 
 import jobs
 from config import Settings
-from db import Database, DatabaseUnavailable, catalog_names, first_line
+from db import (
+    Database,
+    DatabaseUnavailable,
+    catalog_names,
+    connected,
+    connection_options,
+    deadline,
+    first_line,
+    install_wait_deadlines,
+    one_line,
+    remove_wait_deadlines,
+)
 from jobs import QUEUE_DEPTH, JobState, QueueWorkers, Scorer, StoredRanking
 
 log = logging.getLogger("bert4musicrec.service")
 
 CATALOG_RETRY_SECONDS = 30.0
+# The synchronous path waits for names that are still loading at most this long after the load
+# began (so only the first requests of a process may wait, never on a hung database for long).
+NAMES_WAIT_SECONDS = 2.0
 MODEL_INFO = Gauge("b4mr_model_info", "1 for the model version this process serves.",
                    ["model_version"], multiprocess_mode="max")
 
@@ -78,17 +92,18 @@ class RecommendationService:
     def __init__(self, settings: Settings, recommender: Scorer | None = None) -> None:
         """Remember the settings and a given recommender; load nothing yet."""
         self.settings = settings
-        self.database = Database(settings.database_url, settings.pool_size,
-                                 settings.db_connect_timeout)
+        self.database = Database(settings)
         self.recommender: Scorer | None = None
         self.model_error: str | None = None
         self.workers: QueueWorkers | None = None
         self.catalog: dict[int, Names] = {}
-        self._catalog_attempted = 0.0
-        self._catalog_tried = False
+        self._catalog_started = 0.0
+        self._names_wait_until = 0.0
+        self._catalog_done: threading.Event | None = None
         self._model_lock = threading.Lock()
         self._catalog_lock = threading.Lock()
         self._model_tried = False
+        self._deadlines_installed = False
         if recommender is not None:
             self._serve(recommender)
             self._model_tried = True
@@ -96,7 +111,7 @@ class RecommendationService:
     # -- model ----------------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Load the model and the catalog names now unless done before, so no request waits."""
+        """Load the model now and start loading the catalog names, so no request waits."""
         self._ensure_model()
         self._ensure_catalog()
 
@@ -130,8 +145,10 @@ class RecommendationService:
 
             return Recommender.from_checkpoint(path, index=self.settings.recommender_index)
         except Exception as error:
-            self.model_error = f"model not loaded: {first_line(error)}"
-            log.exception("loading %s failed", path)
+            from checkpoint import CheckpointError
+
+            self.model_error = f"model not loaded: {one_line(error)}"
+            log.error("%s", self.model_error, exc_info=not isinstance(error, CheckpointError))
             return None
 
     def require_model(self) -> Scorer:
@@ -143,26 +160,28 @@ class RecommendationService:
 
     # -- catalog names --------------------------------------------------------------------------
 
-    def _ensure_catalog(self, retry_after: float | None = None) -> None:
-        """Load the names on first need; retry an empty database read ``retry_after`` s old."""
-        if not self._catalog_due(retry_after):
-            return
+    def _ensure_catalog(self, retry_after: float | None = None) -> threading.Event:
+        """Start loading the names in the background on first need (again when an empty
+        database read is ``retry_after`` s old); the event is set when that load ends."""
         with self._catalog_lock:
-            if self._catalog_due(retry_after):
-                self._load_catalog()
-                self._catalog_tried = True
+            if self._catalog_done is None or self._catalog_due(self._catalog_done, retry_after):
+                self._catalog_started = time.monotonic()
+                if self._catalog_done is None:
+                    self._names_wait_until = self._catalog_started + NAMES_WAIT_SECONDS
+                self._catalog_done = threading.Event()
+                threading.Thread(target=self._load_catalog, args=(self._catalog_done,),
+                                 name="b4mr-catalog", daemon=True).start()
+            return self._catalog_done
 
-    def _catalog_due(self, retry_after: float | None) -> bool:
-        """True until the first load ended, or when an empty database read may be retried."""
-        if not self._catalog_tried:
-            return True
-        return (retry_after is not None and not self.catalog
+    def _catalog_due(self, last: threading.Event, retry_after: float | None) -> bool:
+        """True when the last load ended empty from the database ``retry_after`` s ago."""
+        return (retry_after is not None and last.is_set() and not self.catalog
                 and self.settings.catalog_dir is None
-                and time.monotonic() - self._catalog_attempted > retry_after)
+                and time.monotonic() - self._catalog_started > retry_after)
 
-    def _load_catalog(self) -> None:
-        """Cache song, artist and album names from CATALOG_DIR, else from the database."""
-        self._catalog_attempted = time.monotonic()
+    def _load_catalog(self, done: threading.Event) -> None:
+        """Cache song, artist and album names from CATALOG_DIR, else from the database (on a
+        connection of its own, within DB_CATALOG_TIMEOUT_SECONDS); set ``done`` at the end."""
         try:
             if self.settings.catalog_dir is not None:
                 from preprocessing import read_catalog_names
@@ -171,19 +190,27 @@ class RecommendationService:
                 rows = list(zip(frame.index, frame["song"], frame["artist"], frame["album"],
                                 strict=True))
             else:
-                with self.database.connection() as connection:
-                    rows = catalog_names(connection)
+                seconds = self.settings.db_catalog_timeout_seconds
+                with deadline(seconds):
+                    options = connection_options(self.database.dsn, self.settings, seconds)
+                    with connected(self.database.dsn, **options) as connection:
+                        rows = catalog_names(connection)
+            self.catalog = {int(song_id): (_text(song), _text(artist), _text(album))
+                            for song_id, song, artist, album in rows}
+            log.info("cached names of %d songs", len(self.catalog))
         except Exception as error:
             log.warning("catalog names not loaded (%s); answers carry ids only",
                         first_line(error))
-            return
-        self.catalog = {int(song_id): (_text(song), _text(artist), _text(album))
-                        for song_id, song, artist, album in rows}
-        log.info("cached names of %d songs", len(self.catalog))
+        finally:
+            done.set()
 
-    def ranked_songs(self, song_ids: Sequence[int], scores: Sequence[float]) -> list[RankedSong]:
-        """Rank, id, score and names of each recommended song."""
-        self._ensure_catalog()
+    def ranked_songs(self, song_ids: Sequence[int], scores: Sequence[float],
+                     wait: float | None) -> list[RankedSong]:
+        """Rank, id, score and names of each recommended song; waits up to ``wait`` s for
+        names still loading (None: until loaded), else they are None."""
+        done = self._ensure_catalog(CATALOG_RETRY_SECONDS)
+        if wait is None or wait > 0:
+            done.wait(wait)
         return [RankedSong(rank, int(song_id), float(score),
                            *self.catalog.get(int(song_id), (None, None, None)))
                 for rank, (song_id, score) in enumerate(zip(song_ids, scores, strict=True),
@@ -196,18 +223,30 @@ class RecommendationService:
         self._ensure_model()
         if self.recommender is None:
             return self.model_error or "model not loaded"
-        reason = self.database.check()
+        reason = self.database.check(self.settings.db_ready_timeout_seconds)
         if reason is None:
-            self._ensure_catalog(retry_after=CATALOG_RETRY_SECONDS)
+            self._ensure_catalog(CATALOG_RETRY_SECONDS)
         return reason
 
     def recommend_songs(self, song_ids: list[int], k: int, exclude_seen: bool) -> SongsAnswer:
         """The synchronous answer for a list of catalog song ids (no database)."""
         model = self.require_model()
-        result = model.recommend([song_ids], k=k, exclude_seen=exclude_seen)[0]
-        ranking = jobs.ranked(0, result)
+        try:
+            result = model.recommend([song_ids], k=k, exclude_seen=exclude_seen)[0]
+            ranking = jobs.ranked(0, result, jobs.candidate_count(model, song_ids, exclude_seen))
+        except Exception as error:
+            from recommender import NonFiniteScores
+
+            if not isinstance(error, NonFiniteScores | jobs.UnusableAnswer):
+                raise
+            log.error("synchronous answer refused: %s", error)
+            raise ModelUnavailable(f"model cannot answer: {error}") from error
+        # names from the database are waited for only by the first requests, and briefly
+        self._ensure_catalog(CATALOG_RETRY_SECONDS)
+        wait = None if self.settings.catalog_dir is not None else max(
+            0.0, self._names_wait_until - time.monotonic())
         return SongsAnswer(model.model_version, self.ranked_songs(ranking.song_ids,
-                                                                  ranking.scores),
+                                                                  ranking.scores, wait),
                            [int(song) for song in result.unknown_song_ids])
 
     def enqueue(self, playlist_id: int, k: int) -> JobState:
@@ -231,7 +270,8 @@ class RecommendationService:
         if stored is None:
             return None
         return StoredAnswer(playlist_id, stored.model_version, stored.created_at,
-                            self.ranked_songs(stored.song_ids, stored.scores))
+                            self.ranked_songs(stored.song_ids, stored.scores,
+                                              self.settings.db_statement_timeout_seconds))
 
     def update_queue_gauge(self) -> None:
         """Refresh the queue depth gauge from the database (skipped when it is away)."""
@@ -245,7 +285,11 @@ class RecommendationService:
     # -- workers --------------------------------------------------------------------------------
 
     def start_workers(self) -> None:
-        """Load the model and names, then start this process's workers (none without a model)."""
+        """Give database waits their deadlines (this is a long-running process), load the
+        model, start loading the names, then start the workers (none without a model)."""
+        if not self._deadlines_installed:
+            install_wait_deadlines()
+            self._deadlines_installed = True
         self.load()
         if self.workers is None:
             log.warning("queue workers not started: %s", self.model_error)
@@ -253,8 +297,13 @@ class RecommendationService:
         self.workers.start()
 
     def stop_workers(self, timeout: float | None = None) -> bool:
-        """Stop this process's queue workers; True when they all ended in time."""
-        return True if self.workers is None else self.workers.stop(timeout)
+        """Stop this process's queue workers and lift the deadlines start_workers installed;
+        True when every worker ended in time."""
+        stopped = True if self.workers is None else self.workers.stop(timeout)
+        if self._deadlines_installed:
+            remove_wait_deadlines()
+            self._deadlines_installed = False
+        return stopped
 
 
 def _text(value: Any) -> str | None:
