@@ -4,19 +4,24 @@ Binds HOST:PORT (default 127.0.0.1:8000) with WORKERS processes of THREADS threa
 Every worker process loads the model and starts its own queue worker threads after the fork
 (the master never does); SIGTERM lets them finish the batch in hand before the process exits.
 Prometheus metrics of all processes are aggregated through PROMETHEUS_MULTIPROC_DIR, which
-is created here when it is not set; it must be set before prometheus_client is imported.
+is created here when it is not set (and removed again when gunicorn exits; a folder the user
+gave is kept); it must be set before prometheus_client is imported.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+# The folder made here is remembered in the environment, so that a reload (SIGHUP), which runs
+# this file again with PROMETHEUS_MULTIPROC_DIR already set, still knows it is ours to remove.
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="b4mr-metrics-")
+    os.environ["B4MR_CREATED_METRICS_DIR"] = os.environ["PROMETHEUS_MULTIPROC_DIR"]
 
 from prometheus_client import multiprocess
 
@@ -45,6 +50,13 @@ def on_starting(server: Any) -> None:
     """Start from an empty metrics folder, so counters of an earlier run do not linger."""
     for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
         stale.unlink()
+
+
+def on_exit(server: Any) -> None:
+    """Remove the metrics folder made above at shutdown; one the user gave stays."""
+    created = os.environ.get("B4MR_CREATED_METRICS_DIR")
+    if created and created == os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        shutil.rmtree(created, ignore_errors=True)
 
 
 def post_worker_init(worker: Any) -> None:
