@@ -1,7 +1,7 @@
 """Demo-data quality: the model against the ids-only model and both baselines, same split.
 
     python benchmarks/bench_quality.py [--protocol playlist|leave_one_out] [--threads 2]
-                                       [--seed 42] [--set section.key=value ...]
+                                       [--seed 42] [--set section.key=value ...] [--no-ids-only]
 
 Builds build/demo with preprocessing.py when it is missing, trains the demo preset with side
 features and without (early stopping on validation), evaluates both on the test split and
@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO_ROOT / "build" / "demo")
     parser.add_argument("--runs", type=Path, default=REPO_ROOT / "runs" / "bench_quality")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--no-ids-only", action="store_true",
+                        help="train only the model with side features (e.g. to compare losses)")
     args = parser.parse_args()
     if not (args.data / "training.npz").is_file():
         subprocess.run([sys.executable, str(REPO_ROOT / "preprocessing.py"), "--source", "csv",
@@ -54,8 +56,10 @@ def main() -> None:
                         str(REPO_ROOT / "preprocessing encoders"), "--out", str(args.data)],
                        check=True)
     results = {}
-    for name, extra in (("model", []), ("ids_only", ["model.side_features=false"])):
-        run_dir = args.runs / f"{args.protocol}_{args.seed}_{name}"
+    variants = [("model", []), ("ids_only", ["model.side_features=false"])]
+    for name, extra in variants[: 1 if args.no_ids_only else 2]:
+        tag = "_".join(item.replace("=", "-") for item in args.overrides)
+        run_dir = args.runs / f"{args.protocol}_{args.seed}_{name}{'_' + tag if tag else ''}"
         config = load_config("demo", overrides=[
             *args.overrides, *extra, f"data.split_protocol={args.protocol}",
             f"paths.data_dir={args.data}", f"paths.run_dir={run_dir}",
