@@ -272,11 +272,15 @@ class ApproximateScorer:
         """log Σ exp(score) over every song not excluded: the candidates exactly, the others
         as the fixed sample's mean times their number."""
         rest = self.n_songs - len(candidates) - len(seen)
-        outside = ~np.isin(self.sample, candidates) & ~np.isin(self.sample, seen)
-        if rest <= 0 or not outside.any():
+        excluded = np.concatenate([candidates, seen])
+        where = np.searchsorted(self.sample, excluded).clip(max=len(self.sample) - 1)
+        outside = np.ones(len(self.sample), dtype=bool)
+        outside[where[self.sample[where] == excluded]] = False
+        kept = int(outside.sum())
+        if rest <= 0 or kept == 0:
             return scores.logsumexp(dim=0)
-        tail = self.sample_rows[torch.from_numpy(outside)] @ query
-        estimate = tail.logsumexp(dim=0) + math.log(rest / int(outside.sum()))
+        tail = (self.sample_rows @ query)[torch.from_numpy(outside)]
+        estimate = tail.logsumexp(dim=0) + math.log(rest / kept)
         return torch.logaddexp(scores.logsumexp(dim=0), estimate)
 
     def _pointer_parts(
