@@ -38,6 +38,19 @@ class World:
         return self.size > 1
 
 
+class NoWriter:
+    """Stands in for the TensorBoard writer on the ranks that write nothing."""
+
+    def add_scalar(self, *args: Any) -> None:
+        """Record nothing."""
+
+    def flush(self) -> None:
+        """Nothing to flush."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
 def join_world(device: torch.device) -> tuple[World, torch.device]:
     """Join torchrun's process group (nccl on CUDA, gloo on the CPU) and pick this rank's device.
 

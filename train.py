@@ -51,6 +51,7 @@ from config import (
 )
 from dataset import Split, TrainBatches, split_sequences
 from distributed import (
+    NoWriter,
     World,
     from_main,
     global_mean_factor,
@@ -144,19 +145,6 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Add one JSON record as a line of ``path``."""
     with open(path, "a", encoding="utf-8") as file:
         file.write(json.dumps(record) + "\n")
-
-
-class NoWriter:
-    """Stands in for the TensorBoard writer on the ranks that write nothing."""
-
-    def add_scalar(self, *args: Any) -> None:
-        """Record nothing."""
-
-    def flush(self) -> None:
-        """Nothing to flush."""
-
-    def close(self) -> None:
-        """Nothing to close."""
 
 
 # ----------------------------------------------------------------------------- training steps
