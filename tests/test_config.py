@@ -105,3 +105,35 @@ def test_service_settings_come_from_the_environment_through_the_same_coercion() 
 def test_bad_service_settings_name_the_variable(environ: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         config.Settings.from_env(environ)
+
+
+@pytest.mark.parametrize(("environ", "named"), [
+    ({"API_TOKEN": "   "}, "API_TOKEN"),
+    ({"API_TOKEN": "\t\n"}, "API_TOKEN"),
+    ({"HOST": "0.0.0.0"}, "HOST"),
+    ({"HOST": "::"}, "HOST"),
+    ({"HOST": "10.1.2.3"}, "HOST"),
+    ({"HOST": "example.com"}, "HOST"),
+    ({"HOST": "0.0.0.0", "API_TOKEN": "  "}, "API_TOKEN"),
+    ({"HOST": "0.0.0.0", "ALLOW_UNAUTHENTICATED_REMOTE": "maybe"},
+     "ALLOW_UNAUTHENTICATED_REMOTE"),
+])
+def test_blank_token_and_open_remote_host_refuse_to_start(environ: dict[str, str],
+                                                          named: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{named}: "):
+        config.Settings.from_env(environ)
+
+
+@pytest.mark.parametrize("token", [" ", " padded", "padded\n"])
+def test_settings_built_in_code_refuse_a_blank_or_padded_token(token: str) -> None:
+    with pytest.raises(ConfigError, match=r"^API_TOKEN: "):
+        config.Settings(api_token=token).validate()
+
+
+@pytest.mark.parametrize("environ", [
+    {}, {"API_TOKEN": ""}, {"HOST": "localhost"}, {"HOST": "127.0.0.2"}, {"HOST": "::1"},
+    {"HOST": "[::1]"}, {"HOST": "0.0.0.0", "API_TOKEN": "t"},
+    {"HOST": "0.0.0.0", "ALLOW_UNAUTHENTICATED_REMOTE": "true"},
+])
+def test_loopback_a_token_or_the_explicit_setting_start(environ: dict[str, str]) -> None:
+    config.Settings.from_env(environ)
