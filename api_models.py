@@ -1,21 +1,26 @@
 """The HTTP contract: every request and response body and path id as a pydantic model, declared
 once, and how a request that breaks it is answered. flask-openapi3 validates requests with the
 models and generates the OpenAPI document from them (``ServiceApp``); ``describe_error`` turns a
-validation error into the API's one-line ``{"error": "field: reason"}``.
+validation error into the API's one-line ``{"error": "field: reason"}``, and ``api_error`` and
+``http_error`` answer the other errors of the contract the same way.
 
 Integers are JSON integers (an integral float such as 10.0 counts, as JSON does not tell them
-apart); booleans and strings are never numbers.
+apart); booleans and strings are never numbers. Path ids are ASCII decimal digits without leading
+zeros (``PathIdConverter``), and a body nests at most ``MAX_JSON_DEPTH`` levels.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal, NoReturn
 
-from flask import request
+from flask import Response, jsonify, request
 from flask_openapi3 import OpenAPI
+from flask_openapi3.types import ResponseDict
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -29,6 +34,9 @@ from pydantic import (
     create_model,
 )
 from pydantic_core import ErrorDetails, PydanticCustomError, core_schema
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import BaseConverter
+from werkzeug.wrappers import Response as BaseResponse
 
 from config import MAX_K
 from db import BIGINT_MAX
@@ -62,6 +70,11 @@ class IntegerRange:
 
 
 RowId = Annotated[int, IntegerRange(0, BIGINT_MAX)]
+# A path id as the URL spells it: ASCII digits, no leading zero, at most as long as BIGINT_MAX.
+# werkzeug's own int converter takes any Unicode digit ("/jobs/١" was job 1) and "0001".
+PATH_ID_PATTERN = f"0|[1-9][0-9]{{0,{len(str(BIGINT_MAX)) - 1}}}"
+PathId = Annotated[RowId, WithJsonSchema({"type": "integer", "minimum": 0, "maximum": BIGINT_MAX,
+                                          "pattern": f"^({PATH_ID_PATTERN})$"})]
 TopK = Annotated[int, IntegerRange(1, MAX_K)]
 # Timestamps as PostgreSQL's offset is written by isoformat() (e.g. +00:00, never Z).
 Timestamp = Annotated[datetime, PlainSerializer(datetime.isoformat, return_type=str),
@@ -121,7 +134,8 @@ class RecommendRequest(BaseModel):
 
 
 class JobAccepted(BaseModel):
-    """The committed (or already open) job of the playlist; poll /jobs/{job_id}."""
+    """The committed (or already open) job of the playlist; poll /jobs/{job_id}. ``k`` is the k
+    the job runs with: a queued job takes the request's k, a running one keeps its own."""
 
     job_id: int
     status: JobStatus
@@ -193,14 +207,40 @@ def songs_request(max_song_ids: int) -> type[SongsRequest]:
 class JobPath(BaseModel):
     """The job id in /jobs/{job_id}."""
 
-    job_id: RowId
+    job_id: PathId
 
 
 class PlaylistPath(BaseModel):
     """The playlist id in /playlists/{playlist_id}/recommendations."""
 
-    playlist_id: RowId
+    playlist_id: PathId
 
+
+class PathIdConverter(BaseConverter):
+    """The ``<id:name>`` route converter: matches PATH_ID_PATTERN only, so any other spelling of
+    a number is no route (404), like every other path that names nothing."""
+
+    regex = PATH_ID_PATTERN
+
+    def to_python(self, value: str) -> int:
+        """The id as an int (the pattern admits only what int() reads exactly)."""
+        return int(value)
+
+    def to_url(self, value: Any) -> str:
+        """The id as the pattern spells it."""
+        return str(int(value))
+
+
+# Errors of the routes that take a JSON body; each is {"error": reason}.
+ERRORS: ResponseDict = {400: ErrorBody, 401: ErrorBody, 413: ErrorBody, 415: ErrorBody,
+                        503: ErrorBody}
+TEXT = {"content": {"text/plain": {"schema": {"type": "string"}}}}
+DOCUMENT = {"content": {"application/json": {"schema": {"type": "object"}}}}
+ENQUEUE_DESCRIPTION = (
+    "202 once the job is committed; 404 for a playlist not in the database. A playlist with an "
+    "open job gets that job back: a queued one takes this request's k, a running one keeps its "
+    "own, and the answer's k is the one the job runs with (request again once it has finished "
+    "to get another k).")
 
 # A path id out of range names nothing: 404 with the message of a missing row.
 NOT_FOUND = {"JobPath": "job {job_id} not found",
@@ -217,16 +257,48 @@ class ApiError(Exception):
         self.message = message
 
 
+# Deepest nesting a body may have; the models need 2 ({"song_ids": [...]}). Python's parser
+# raises RecursionError (a 500) near 1,000 levels, which 2 KB of brackets reach.
+MAX_JSON_DEPTH = 32
+# A JSON string, possessive so that scanning stays linear; brackets inside strings do not nest.
+JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"', re.DOTALL)
+NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+
+
+def json_depth(body: bytes) -> int:
+    """How deep the arrays and objects of a JSON text nest (exact for valid JSON), in one linear
+    pass over the bytes, without parsing them."""
+    brackets = NOT_BRACKET.sub(b"", JSON_STRING.sub(b"", body))
+    steps = (1 if byte in b"[{" else -1 for byte in brackets)
+    return max(itertools.accumulate(steps, initial=0))
+
+
+def api_error(error: ApiError) -> tuple[Response, int]:
+    """JSON body for an ApiError."""
+    return jsonify(error=error.message), error.status
+
+
+def http_error(error: HTTPException) -> BaseResponse:
+    """JSON body for werkzeug's HTTP errors (404, 405, 413, ...), keeping their headers."""
+    response = error.get_response()
+    response.set_data(jsonify(error=(error.name or "error").lower()).get_data())
+    response.content_type = "application/json"
+    return response
+
+
 def require_json_object() -> None:
     """Refuse a POST body that is not a JSON object before the models see it (415, 400).
 
     flask-openapi3 reads the body with ``get_json(silent=True)``, which turns a wrong content
-    type into a missing body and parses a JSON string body a second time.
+    type into a missing body and parses a JSON string body a second time. The nesting is
+    checked before anything parses the body (the size is bounded by MAX_CONTENT_LENGTH).
     """
     if request.method != "POST":
         return
     if not request.is_json:
         raise ApiError(415, "body: expected Content-Type application/json")
+    if json_depth(request.get_data(cache=True)) > MAX_JSON_DEPTH:
+        raise ApiError(400, f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(request.get_json(silent=True), dict):
         raise ApiError(400, "body: expected a JSON object")
 
@@ -247,10 +319,12 @@ class ServiceApp(OpenAPI):
     """
 
     def __init__(self, import_name: str, **options: Any) -> None:
-        """An OpenAPI app without the docs UI, reporting validation errors as ApiError."""
+        """An OpenAPI app without the docs UI, reporting validation errors as ApiError, with
+        the ``<id:...>`` path converter."""
         super().__init__(import_name, doc_ui=False, validation_error_status=400,
                          validation_error_model=ErrorBody,
                          validation_error_callback=validation_failed, **options)
+        self.url_map.converters["id"] = PathIdConverter
 
     def generate_spec_json(self) -> None:
         """Generate the document, then drop the automatic validation responses (and the

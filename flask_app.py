@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
+import math
 import os
 import signal
 import threading
@@ -27,7 +28,6 @@ from flask import Response, current_app, g, jsonify, request
 from flask.cli import with_appcontext
 from flask.json.provider import DefaultJSONProvider
 from flask_openapi3 import APIBlueprint, Info, OpenAPI
-from flask_openapi3.types import ResponseDict
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -39,12 +39,15 @@ from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 from prometheus_client.multiprocess import MultiProcessCollector
 from pydantic import BaseModel
 from werkzeug.exceptions import HTTPException
-from werkzeug.wrappers import Response as BaseResponse
 
 import db
 import jobs
 from api_models import (
+    DOCUMENT,
+    ENQUEUE_DESCRIPTION,
+    ERRORS,
     NOT_FOUND,
+    TEXT,
     ApiError,
     ErrorBody,
     Health,
@@ -58,6 +61,8 @@ from api_models import (
     SongsRequest,
     SongsResponse,
     StoredRecommendations,
+    api_error,
+    http_error,
     require_json_object,
     songs_request,
 )
@@ -70,6 +75,9 @@ log = logging.getLogger("bert4musicrec.service")
 API_VERSION = "1.0.0"
 EXTENSION_KEY = "bert4musicrec"
 PUBLIC_ENDPOINTS = frozenset({"api.health", "api.ready", "api.openapi"})
+# Metric labels are bounded: other methods count as "other", unmatched paths as "unmatched".
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+MAX_PRUNE_DAYS = 36_500
 
 REQUESTS = Counter("b4mr_http_requests_total", "HTTP requests by route, method and status.",
                    ["route", "method", "status"])
@@ -90,17 +98,11 @@ def _json(model: BaseModel, status: int = 200) -> tuple[Response, int]:
 
 # -- routes -------------------------------------------------------------------------------------
 
-# Errors of the routes that take a JSON body; each is {"error": reason}.
-ERRORS: ResponseDict = {400: ErrorBody, 401: ErrorBody, 413: ErrorBody, 415: ErrorBody,
-                        503: ErrorBody}
-TEXT = {"content": {"text/plain": {"schema": {"type": "string"}}}}
-DOCUMENT = {"content": {"application/json": {"schema": {"type": "object"}}}}
-
-
 def api_blueprint(settings: Settings) -> APIBlueprint:
     """The routes under these settings (the song-list limit and whether a token guards them)."""
     api = APIBlueprint("api", __name__)
     guarded: list[dict[str, list[Any]]] | None = [{"bearer": []}] if settings.api_token else None
+    metrics_security = None if settings.metrics_public else guarded
     api.before_request(require_json_object)
 
     @api.get("/health", operation_id="health", summary="Process is alive",
@@ -112,15 +114,15 @@ def api_blueprint(settings: Settings) -> APIBlueprint:
     @api.get("/ready", operation_id="ready", summary="Model loaded and database reachable",
              responses={200: Ready, 503: ErrorBody})
     def ready() -> tuple[Response, int]:
-        """The model is loaded and the database answers; 503 with the reason otherwise."""
+        """Model and database ready; else 503, the reason's details for authorized requests."""
         current = service()
         reason = current.readiness()
         if reason is not None:
-            raise ApiError(503, reason)
+            raise ApiError(503, reason if _authorized() else reason.partition(":")[0])
         return _json(Ready(status="ready", model_version=current.require_model().model_version))
 
     @api.get("/metrics", operation_id="metrics", summary="Prometheus metrics",
-             responses={200: TEXT, 401: ErrorBody}, security=guarded)
+             responses={200: TEXT, 401: ErrorBody}, security=metrics_security)
     def metrics() -> Response:
         """Prometheus metrics of every process of this service."""
         service().update_queue_gauge()
@@ -135,17 +137,18 @@ def api_blueprint(settings: Settings) -> APIBlueprint:
 
     @api.post("/recommend", operation_id="enqueue",
               summary="Enqueue recommendations for a stored playlist (asynchronous)",
-              description="202 once the job is committed. A playlist with a queued or running "
-                          "job gets that job back. An unknown playlist ends as a failed job "
-                          "with last_error 'playlist not found'.",
-              responses={202: JobAccepted, **ERRORS}, security=guarded)
+              description=ENQUEUE_DESCRIPTION,
+              responses={202: JobAccepted, 404: ErrorBody, **ERRORS}, security=guarded)
     def recommend_playlist(body: RecommendRequest) -> tuple[Response, int, dict[str, str]]:
-        """Enqueue a playlist; 202 once the job row is committed."""
-        job = service().enqueue(body.playlist_id, body.k)
+        """Enqueue a playlist; 202 once the job row is committed, 404 for an unknown one."""
+        try:
+            job = service().enqueue(body.playlist_id, body.k)
+        except jobs.PlaylistNotFound as error:
+            raise ApiError(404, f"playlist_id: {error}") from None
         accepted = JobAccepted.model_validate(job, from_attributes=True)
         return *_json(accepted, 202), {"Location": f"/jobs/{job.job_id}"}
 
-    @api.get("/jobs/<int:job_id>", operation_id="getJob", summary="State of a job",
+    @api.get("/jobs/<id:job_id>", operation_id="getJob", summary="State of a job",
              responses={200: Job, 401: ErrorBody, 404: ErrorBody, 503: ErrorBody},
              security=guarded)
     def get_job(path: JobPath) -> tuple[Response, int]:
@@ -155,7 +158,7 @@ def api_blueprint(settings: Settings) -> APIBlueprint:
             raise ApiError(404, NOT_FOUND["JobPath"].format(**path.model_dump()))
         return _json(Job.model_validate(job, from_attributes=True))
 
-    @api.get("/playlists/<int:playlist_id>/recommendations", operation_id="getStored",
+    @api.get("/playlists/<id:playlist_id>/recommendations", operation_id="getStored",
              summary="Stored recommendations of a playlist",
              responses={200: StoredRecommendations, 401: ErrorBody, 404: ErrorBody,
                         503: ErrorBody}, security=guarded)
@@ -196,14 +199,21 @@ def _start_timer() -> None:
     g.started = time.perf_counter()
 
 
-def _authorize() -> tuple[Response, int, dict[str, str]] | None:
-    """Refuse requests without the bearer token when API_TOKEN is set."""
+def _authorized() -> bool:
+    """True when API_TOKEN is unset or the request carries it as its bearer token."""
     token = service().settings.api_token
-    if not token or request.endpoint in PUBLIC_ENDPOINTS:
-        return None
+    if not token:
+        return True
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
-                                                          token.encode()):
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
+                                                              token.encode())
+
+
+def _authorize() -> tuple[Response, int, dict[str, str]] | None:
+    """Refuse requests without API_TOKEN's bearer token (not probes, nor METRICS_PUBLIC)."""
+    public = request.endpoint in PUBLIC_ENDPOINTS or (
+        request.endpoint == "api.metrics" and service().settings.metrics_public)
+    if public or _authorized():
         return None
     return (jsonify(error="missing or invalid bearer token"), 401,
             {"WWW-Authenticate": "Bearer"})
@@ -212,23 +222,11 @@ def _authorize() -> tuple[Response, int, dict[str, str]] | None:
 def _observe(response: Response) -> Response:
     """Count the request and its latency per route."""
     route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-    REQUESTS.labels(route, request.method, str(response.status_code)).inc()
+    method = request.method if request.method in METHODS else "other"
+    REQUESTS.labels(route, method, str(response.status_code)).inc()
     started = g.get("started")
     if started is not None:
         LATENCY.labels(route).observe(time.perf_counter() - started)
-    return response
-
-
-def _api_error(error: ApiError) -> tuple[Response, int]:
-    """JSON body for an ApiError."""
-    return jsonify(error=error.message), error.status
-
-
-def _http_error(error: HTTPException) -> BaseResponse:
-    """JSON body for werkzeug's HTTP errors (404, 405, 413, ...), keeping their headers."""
-    response = error.get_response()
-    response.set_data(jsonify(error=(error.name or "error").lower()).get_data())
-    response.content_type = "application/json"
     return response
 
 
@@ -330,10 +328,18 @@ def score_all_command(k: int, batch_size: int, include_seen: bool) -> None:
     click.echo("Stored recommendations for every playlist.")
 
 
+def _not_nan(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """The value unless NaN, which FloatRange lets through (every comparison with it is false)."""
+    if math.isnan(value):
+        raise click.BadParameter(f"{value} is not a number", ctx, param)
+    return value
+
+
 @click.command("prune-jobs")
 @with_appcontext
-@click.option("--older-than", "days", type=click.FloatRange(min=0), default=7.0,
-              show_default=True, help="Delete jobs that ended more than this many days ago.")
+@click.option("--older-than", "days", type=click.FloatRange(0, MAX_PRUNE_DAYS), default=7.0,
+              show_default=True, callback=_not_nan,
+              help="Delete jobs that ended more than this many days ago.")
 @click.option("--batch-size", type=click.IntRange(1, 100_000), default=10_000,
               show_default=True, help="Jobs deleted per transaction.")
 def prune_jobs_command(days: float, batch_size: int) -> None:
@@ -380,7 +386,7 @@ def create_app(settings: Settings | None = None,
     app.before_request(_authorize)
     app.after_request(_observe)
     handlers: dict[Any, Any] = {
-        ApiError: _api_error, HTTPException: _http_error, DatabaseUnavailable: _unavailable,
+        ApiError: api_error, HTTPException: http_error, DatabaseUnavailable: _unavailable,
         ModelUnavailable: _unavailable, psycopg2.Error: _database_error, Exception: _unexpected}
     for kind, handler in handlers.items():
         app.register_error_handler(kind, handler)

@@ -122,6 +122,7 @@ def test_sql_limits_on_k_and_rank_agree_with_max_k(cursor: psycopg2.extensions.c
                        (table, f"{table}_{column}_check"))
         definition = cursor.fetchone()[0]
         assert re.findall(r"\d+", definition) == ["1", str(MAX_K)], definition
+    cursor.execute("INSERT INTO playlists (playlist_id) VALUES (1), (2)")
     cursor.execute("SELECT request_recommendations(1, %s)", (MAX_K,))
     for k in (0, MAX_K + 1):
         cursor.execute("SAVEPOINT attempt")

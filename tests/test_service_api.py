@@ -136,7 +136,7 @@ def test_health_ready_and_openapi(client, app) -> None:
     assert ready.status_code == 200
     assert ready.json["model_version"]
     document = client.get("/openapi.json").json
-    routes = {rule.rule.replace("<int:", "{").replace(">", "}")
+    routes = {rule.rule.replace("<id:", "{").replace(">", "}")
               for rule in app.url_map.iter_rules() if rule.endpoint != "static"}
     assert routes == set(document["paths"])
 
@@ -242,6 +242,10 @@ def test_errors_are_json_without_tracebacks(client) -> None:
         (client.delete("/health"), 405),
         (client.get("/jobs/999999"), 404),
         (client.get(f"/jobs/{2**70}"), 404),
+        (client.get("/jobs/0001"), 404),
+        (client.get("/jobs/%D9%A1"), 404),
+        (client.post("/recommendations", data="[" * 990 + "]" * 990,
+                     content_type="application/json"), 400),
         (client.get("/playlists/1/recommendations"), 404),
     ]
     for response, status in cases:
@@ -354,16 +358,11 @@ def test_queue_result_equals_sync_answer(make_app, demo_dsn: str) -> None:
     assert ranks == [1, 2, 3]
 
 
-def test_unknown_playlist_fails_once_with_reason(make_app, demo_dsn: str) -> None:
-    app = make_app()
-    client = app.test_client()
-    job_id = client.post("/recommend", json={"playlist_id": 987654321}).json["job_id"]
-    app.extensions[EXTENSION].start_workers()
-    job = wait_until(lambda: (lambda j: j if j["status"] == "failed" else None)(
-        client.get(f"/jobs/{job_id}").json), timeout=30, message="job failed")
-    assert job["last_error"] == "playlist not found"
-    assert job["attempts"] == 1
-    assert job["finished_at"] is not None
+def test_unknown_playlist_is_404_and_leaves_no_job(client, demo_dsn: str) -> None:
+    response = client.post("/recommend", json={"playlist_id": 987654321})
+    assert response.status_code == 404
+    assert response.json == {"error": "playlist_id: playlist 987654321 not found"}
+    assert job_rows(demo_dsn) == {}
     assert client.get("/playlists/987654321/recommendations").status_code == 404
 
 
@@ -497,6 +496,8 @@ def test_sql_function_enqueues_idempotently_and_notifies(app, demo_dsn: str) -> 
                        (playlist_id,))[0][0]
         assert same == job_id
         assert job_rows(demo_dsn)[job_id][0] == "queued"
+        assert execute(demo_dsn, "SELECT k FROM recommendation_jobs WHERE job_id = %s",
+                       (job_id,))[0][0] == 25, "the queued job takes the new k"
         with pytest.raises(psycopg2.errors.InvalidParameterValue):
             execute(demo_dsn, "SELECT request_recommendations(%s, 0)", (playlist_id,))
     finally:
@@ -598,10 +599,10 @@ def test_cli_database_commands_load_no_model_and_first_request_does(
     loads: list[Path] = []
     load = Recommender.from_checkpoint
 
-    def counted_load(path: Path) -> Recommender:
+    def counted_load(path: Path, **options: str) -> Recommender:
         loads.append(path)
         time.sleep(0.2)
-        return load(path)
+        return load(path, **options)
 
     monkeypatch.setattr(Recommender, "from_checkpoint", staticmethod(counted_load))
     caplog.set_level(logging.INFO, logger="bert4musicrec.service")
