@@ -135,21 +135,29 @@ def http_json(port: int, method: str, path: str, body: Any = None,
 class ServiceProcess:
     """The service under gunicorn in its own process group, as `make serve` runs it."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        """Remember the environment; ``start`` launches it on a free port."""
+    def __init__(self, env: dict[str, str], log_path: Path, own_metrics_dir: bool = True,
+                 gunicorn_args: tuple[str, ...] = ()) -> None:
+        """Remember the environment; ``start`` launches it on a free port. With
+        ``own_metrics_dir`` the test gives PROMETHEUS_MULTIPROC_DIR, else gunicorn.conf.py makes
+        one; ``gunicorn_args`` go on gunicorn's command line (they override the config file)."""
         self.port = free_port()
         self.env = {**os.environ, **env, "HOST": "127.0.0.1", "PORT": str(self.port)}
         self.log_path = log_path
+        self.own_metrics_dir = own_metrics_dir
+        self.gunicorn_args = gunicorn_args
         self.process: subprocess.Popen | None = None
 
     def start(self) -> ServiceProcess:
         """Launch gunicorn and wait until /health answers."""
-        self.env["PROMETHEUS_MULTIPROC_DIR"] = str(self.log_path.with_suffix(".metrics"))
-        Path(self.env["PROMETHEUS_MULTIPROC_DIR"]).mkdir(exist_ok=True)
+        if self.own_metrics_dir:
+            self.env["PROMETHEUS_MULTIPROC_DIR"] = str(self.log_path.with_suffix(".metrics"))
+            Path(self.env["PROMETHEUS_MULTIPROC_DIR"]).mkdir(exist_ok=True)
+        else:
+            self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py",
-                 "flask_app:create_app()"],
+                 *self.gunicorn_args, "flask_app:create_app()"],
                 cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
         wait_until(self._healthy, timeout=90, interval=0.2, message="the service to start")
@@ -186,7 +194,8 @@ class ServiceProcess:
 
 
 class TcpProxy:
-    """A loopback TCP proxy to PostgreSQL whose connections can be cut and restored."""
+    """A loopback TCP proxy to PostgreSQL whose connections can be cut and restored, or frozen
+    (every byte held in both directions, new connections accepted but silent) and thawed."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         """Pick a free port; ``start`` begins forwarding."""
@@ -196,6 +205,8 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._server: socket.socket | None = None
         self._open = threading.Event()
+        self._flowing = threading.Event()
+        self._flowing.set()
 
     def start(self) -> TcpProxy:
         """Listen and forward every accepted connection to the target."""
@@ -231,6 +242,7 @@ class TcpProxy:
         """Copy bytes one way until either side closes."""
         try:
             while data := source.recv(65536):
+                self._flowing.wait()
                 sink.sendall(data)
         except OSError:
             pass
@@ -258,3 +270,12 @@ class TcpProxy:
     def restore(self) -> None:
         """Accept connections again on the same port."""
         self.start()
+
+    def freeze(self) -> None:
+        """Hold every byte from now on, as a database whose processes are SIGSTOPped: sockets
+        stay open, nothing answers, not even a new connection's handshake."""
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        """Deliver what was held and forward again."""
+        self._flowing.set()
