@@ -29,7 +29,7 @@ from torch import nn
 
 from config import ModelConfig
 from preprocessing_utils import FIRST_SONG_INDEX, MASK_INDEX, PAD_INDEX
-from sampled_softmax import NegativeSampler, sampled_cross_entropy
+from sampled_softmax import NegativeSampler, SparseRows, sampled_cross_entropy
 
 # logits per block of the fused loss (1 MB of float32, so a block stays in a core's L2 cache)
 BLOCK_LOGITS = 1 << 18
@@ -482,11 +482,12 @@ class BERT4Rec(nn.Module):
     def candidate_vectors(self, songs: torch.Tensor) -> torch.Tensor:
         """Rows ``songs`` of ``song_vectors()`` (C, width), built for those songs only.
 
-        Plain lookups, as in ``song_vectors``: the head's gradient reaches the padding rows too.
+        Plain lookups, as in ``song_vectors``: the head's gradient reaches the padding rows too;
+        the song rows' gradient is sparse (the input lookup makes that table's dense).
         """
         if not self.tie_head:
             return self.head.weight[songs]
-        vectors = F.embedding(songs, self.song_embedding.weight)
+        vectors = SparseRows.apply(self.song_embedding.weight, songs)
         if self.use_side:
             albums = F.embedding(self.song_album[songs], self.album_embedding.weight)
             artists = F.embedding(self.song_artist[songs], self.artist_embedding.weight)
