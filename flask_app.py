@@ -42,6 +42,7 @@ from werkzeug.exceptions import HTTPException
 
 import db
 import jobs
+import workers
 from api_models import (
     DOCUMENT,
     ENQUEUE_DESCRIPTION,
@@ -254,7 +255,7 @@ def _unexpected(error: Exception) -> tuple[Response, int]:
 # -- CLI commands -------------------------------------------------------------------------------
 
 
-def _model_for_cli(current: RecommendationService) -> jobs.Scorer:
+def _model_for_cli(current: RecommendationService) -> workers.Scorer:
     """The loaded model, or a clean CLI error saying why there is none."""
     try:
         return current.require_model()
@@ -320,7 +321,7 @@ def score_all_command(k: int, batch_size: int, include_seen: bool) -> None:
     with tqdm(total=database.run(db.count_playlists), unit="playlist") as progress:
         while playlists := database.run(functools.partial(db.playlists_page, after=after,
                                                           limit=batch_size)):
-            rankings = jobs.score_playlists(model, playlists, k=k, exclude_seen=not include_seen)
+            rankings = workers.score_playlists(model, playlists, k=k, exclude_seen=not include_seen)
             database.run(functools.partial(jobs.store_rankings, rankings=rankings,
                                            model_version=model.model_version))
             after = playlists[-1][0]
@@ -363,7 +364,7 @@ def prune_jobs_command(days: float, batch_size: int) -> None:
 
 
 def create_app(settings: Settings | None = None,
-               recommender: jobs.Scorer | None = None) -> ServiceApp:
+               recommender: workers.Scorer | None = None) -> ServiceApp:
     """Build the Flask app without loading the model; workers start in gunicorn or the CLI."""
     settings = settings or Settings.from_env()
     if settings.torch_threads:

@@ -19,6 +19,7 @@ import psycopg2
 from prometheus_client import Gauge
 
 import jobs
+import workers
 from config import Settings
 from db import (
     Database,
@@ -32,7 +33,8 @@ from db import (
     one_line,
     remove_wait_deadlines,
 )
-from jobs import QUEUE_DEPTH, JobState, QueueWorkers, Scorer, StoredRanking
+from jobs import JobState, StoredRanking
+from workers import QUEUE_DEPTH, QueueWorkers, Scorer
 
 log = logging.getLogger("bert4musicrec.service")
 
@@ -233,11 +235,12 @@ class RecommendationService:
         model = self.require_model()
         try:
             result = model.recommend([song_ids], k=k, exclude_seen=exclude_seen)[0]
-            ranking = jobs.ranked(0, result, jobs.candidate_count(model, song_ids, exclude_seen))
+            ranking = workers.ranked(0, result,
+                                     workers.candidate_count(model, song_ids, exclude_seen))
         except Exception as error:
             from recommender import NonFiniteScores
 
-            if not isinstance(error, NonFiniteScores | jobs.UnusableAnswer):
+            if not isinstance(error, NonFiniteScores | workers.UnusableAnswer):
                 raise
             log.error("synchronous answer refused: %s", error)
             raise ModelUnavailable(f"model cannot answer: {error}") from error

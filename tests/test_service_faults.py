@@ -31,7 +31,7 @@ from service_support import (
 import jobs
 from config import Settings
 from db import Database
-from jobs import QueueWorkers
+from workers import QueueWorkers
 
 STATEMENT_SECONDS = 3.0
 READ_SECONDS = 2.0

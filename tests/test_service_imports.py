@@ -1,5 +1,5 @@
-"""The service's import graph runs one way (config -> db -> jobs -> service -> flask_app) and
-serving never loads the training module."""
+"""The service's import graph runs one way (config -> db -> jobs -> workers -> service ->
+flask_app) and serving never loads the training module."""
 
 from __future__ import annotations
 
@@ -52,11 +52,12 @@ print(json.dumps({{"status": response.status_code, "body": response.json,
 
 
 @pytest.mark.parametrize(("module", "never"), [
-    ("config", ["db", "jobs", "service", "flask_app", "flask", "psycopg2"]),
-    ("db", ["jobs", "service", "flask_app", "flask", "torch"]),
-    ("jobs", ["service", "flask_app", "api_models", "flask", "torch"]),
+    ("config", ["db", "jobs", "workers", "service", "flask_app", "flask", "psycopg2"]),
+    ("db", ["jobs", "workers", "service", "flask_app", "flask", "torch"]),
+    ("jobs", ["workers", "service", "flask_app", "api_models", "flask", "torch"]),
+    ("workers", ["service", "flask_app", "api_models", "flask", "torch"]),
     ("service", ["flask_app", "api_models", "flask", "torch", "train"]),
-    ("api_models", ["service", "jobs", "flask_app", "torch"]),
+    ("api_models", ["service", "jobs", "workers", "flask_app", "torch"]),
 ])
 def test_service_modules_import_only_downstream(module: str, never: list[str]) -> None:
     code = f"""
