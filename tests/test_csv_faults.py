@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from test_preprocessing import run_main, song_line, write_tables
 
+import csv_tables
 import preprocessing
 from config import REPO_ROOT
 from preprocessing_utils import DataError
@@ -194,10 +195,10 @@ def test_scan_csv_quoting_rules(tmp_path: Path, text: str, message: str | None) 
     path = tmp_path / "t.csv"
     path.write_bytes(text.encode())
     if message is None:
-        preprocessing.scan_csv(path)
+        csv_tables.scan_csv(path)
     else:
         with pytest.raises(DataError, match=f"^t.csv {message}"):
-            preprocessing.scan_csv(path)
+            csv_tables.scan_csv(path)
 
 
 def _reference_start_lines(text: str) -> list[int]:
@@ -220,10 +221,10 @@ def test_row_start_lines_match_pythons_csv_module_across_chunk_boundaries(
     text = "\r\n".join(["a,b,c", *rows]) + "\r\n"
     path = tmp_path / "t.csv"
     path.write_bytes(text.encode())
-    monkeypatch.setattr(preprocessing, "SCAN_CHUNK_BYTES", chunk_bytes)
-    layout = preprocessing.scan_csv(path)
+    monkeypatch.setattr(csv_tables, "SCAN_CHUNK_BYTES", chunk_bytes)
+    layout = csv_tables.scan_csv(path)
     assert layout.start_lines().tolist() == _reference_start_lines(text)
     path.write_bytes(text.encode()[:-2] + b"\xc3")
     with pytest.raises(DataError, match=f"line {text.count(chr(10))}: not valid UTF-8"):
-        preprocessing.scan_csv(path)
+        csv_tables.scan_csv(path)
 
