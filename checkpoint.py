@@ -29,10 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from atomic_files import atomic_write
 from config import Config, ConfigError
 from dataset import album_successors
 from model import BERT4Rec
-from preprocessing_utils import Encoders, atomic_write
+from preprocessing_utils import Encoders
 
 CHECKPOINT_FORMAT = "bert4musicrec-checkpoint-2"
 # the format before content hashes: refused by load_checkpoint, re-saved by ``--upgrade``

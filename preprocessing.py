@@ -39,6 +39,7 @@ import psycopg2
 from psycopg2.extensions import connection as Connection
 
 import db
+from atomic_files import replace_folder
 from config import BUILD_DIR, DEFAULT_DATABASE_URL, DEMO_DATA_DIR, default_database_url
 from csv_tables import read_csv_playlists, read_csv_songs, read_names_table
 from preprocessing_utils import (
@@ -48,7 +49,6 @@ from preprocessing_utils import (
     Encoders,
     Sequences,
     count_feature_cleaning,
-    replace_folder,
     save_training_file,
 )
 
@@ -204,7 +204,7 @@ def _sha256(path: Path) -> str:
 def _check_output_folder(out_dir: Path) -> None:
     """DataError unless ``out_dir`` is new or holds only a previous run's output.
 
-    The folder is replaced as a whole (see ``preprocessing_utils.replace_folder``), so anything
+    The folder is replaced as a whole (see ``atomic_files.replace_folder``), so anything
     else in it would be lost.
     """
     if not out_dir.exists():

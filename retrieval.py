@@ -27,9 +27,10 @@ import faiss
 import numpy as np
 import torch
 
+from atomic_files import atomic_write
 from checkpoint import read_weights_only
 from model import BERT4Rec
-from preprocessing_utils import FIRST_SONG_INDEX, atomic_write
+from preprocessing_utils import FIRST_SONG_INDEX
 
 INDEX_MODES = ("exact", "approximate", "auto")
 # ``auto`` switches to the index from this catalog size on (the measured break-even)

@@ -20,21 +20,16 @@ import pytest
 from test_preprocessing import write_tables
 
 import preprocessing
+from atomic_files import clean_folder_leftovers, replace_folder
 from config import REPO_ROOT
-from preprocessing_utils import (
-    DataError,
-    Encoders,
-    clean_folder_leftovers,
-    load_training_file,
-    replace_folder,
-)
+from preprocessing_utils import DataError, Encoders, load_training_file
 
 # Runs preprocessing.main with one step made to announce itself and hang, so the test can
 # kill the process exactly there. argv: marker file, step, then preprocessing.py's arguments.
 HANGING_RUN = """
 import os, sys, time
 from pathlib import Path
-import preprocessing, preprocessing_utils
+import atomic_files, preprocessing, preprocessing_utils
 
 marker, step = Path(sys.argv[1]), sys.argv[2]
 
@@ -45,13 +40,13 @@ def hang(*args, **kwargs):
 if step == "encoders":
     preprocessing_utils.Encoders.save = hang
 else:
-    preprocessing_utils._exchange = lambda first, second: False
+    atomic_files._exchange = lambda first, second: False
     rename = os.rename
     def second_rename(source, destination):
-        if str(source).endswith(preprocessing_utils.PARTIAL_SUFFIX):
+        if str(source).endswith(atomic_files.PARTIAL_SUFFIX):
             hang()
         rename(source, destination)
-    preprocessing_utils.os.rename = second_rename
+    atomic_files.os.rename = second_rename
 sys.exit(preprocessing.main(sys.argv[3:]))
 """
 

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from atomic_files import atomic_write
 from preprocessing_utils import (
     FEATURE_NAMES,
     FIRST_SONG_INDEX,
@@ -18,7 +19,6 @@ from preprocessing_utils import (
     SONG_COLUMNS,
     DataError,
     Encoders,
-    atomic_write,
     count_feature_cleaning,
     load_training_file,
     save_training_file,
