@@ -143,8 +143,14 @@ class Config:
 
 
 def _preset_full() -> Config:
-    """The original design's sizes, for a real catalog."""
-    return Config(preset="full")
+    """The original design's sizes, for a real catalog, trained with the sampled softmax.
+
+    At 116k songs it trains 4.5-5.5x faster per CPU step than the full softmax, with the same
+    test NDCG@10 on the demo data (BENCHMARKS.md, "Sampled softmax and torchrun").
+    """
+    config = Config(preset="full")
+    config.train.loss = "sampled"
+    return config
 
 
 def _preset_demo() -> Config:

@@ -197,8 +197,14 @@ class EpochStats:
 
 
 def prepare_run(config: Config) -> Run:
-    """Data, split, a freshly seeded model, batches, optimizer and schedule for ``config``."""
-    keep_freed_memory()
+    """Data, split, a freshly seeded model, batches, optimizer and schedule for ``config``.
+
+    The heap keeps freed memory for the full loss's large per-step buffers only: with the
+    sampled loss the largest are embedding gradients (580 MB at 2.26M songs) that fragment a
+    kept heap (peak RSS 3.2 GB without, 3.7 to 4.8 GB with, BENCHMARKS.md).
+    """
+    if config.train.loss == "full":
+        keep_freed_memory()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     world, device = join_world(pick_device(config.train.device))
