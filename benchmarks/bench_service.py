@@ -120,7 +120,7 @@ def random_checkpoint(data_dir: Path, preset: str, work: Path, encoders: Path | 
     return path
 
 
-class Database:
+class ThrowawayDatabase:
     """A throwaway database on the server of ``server_dsn``."""
 
     def __init__(self, server_dsn: str) -> None:
@@ -241,7 +241,7 @@ def bench_sync(port: int, bodies: list[dict], clients: int) -> dict[str, float]:
                                                                                / elapsed, 1)}
 
 
-def bench_async(port: int, database: Database, playlist_ids: list[int], k: int
+def bench_async(port: int, database: ThrowawayDatabase, playlist_ids: list[int], k: int
                 ) -> dict[str, float]:
     """Jobs/s from the first POST /recommend until every result is stored."""
     database.query("TRUNCATE recommendation_jobs, recommendations")
@@ -280,7 +280,7 @@ def run_size(size: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         data_dir, encoders, preset = write_full_catalog(work / "catalog"), None, "full"
     model_path = random_checkpoint(data_dir, preset, work, encoders)
     recommender = Recommender.from_checkpoint(model_path)
-    database = Database(args.database_url)
+    database = ThrowawayDatabase(args.database_url)
     server = None
     try:
         db.init_database(database.dsn)
