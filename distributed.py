@@ -83,7 +83,7 @@ def wrap_model(model: nn.Module, world: World, device: torch.device) -> nn.Modul
         return model
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
-                                               broadcast_buffers=False)
+                                               forward_sync_buffers=False)
 
 
 def global_mean_factor(world: World, count: torch.Tensor) -> torch.Tensor:
