@@ -68,9 +68,16 @@ def join_world(device: torch.device) -> tuple[World, torch.device]:
     return World(dist.get_rank(), dist.get_world_size(), local_rank), device
 
 
-def leave_world(world: World) -> None:
-    """Leave the process group at the end of training (nothing without torchrun)."""
+def leave_world(world: World, finished: bool) -> None:
+    """Leave the process group at the end of training (nothing without torchrun).
+
+    After a finished run every rank first waits for the others: a rank that tore its gloo
+    group down while another still used it aborted the process. After an error it leaves at
+    once (the others may never reach a barrier).
+    """
     if world.distributed and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -437,15 +437,16 @@ def train(
                                          num_workers=config.train.num_workers)
     progress = progress and run.world.is_main
     writer = SummaryWriter(log_dir=str(run.run_dir)) if run.world.is_main else NoWriter()
-    started, epochs_this_call = time.perf_counter(), 0
+    started, epochs_this_call, finished = time.perf_counter(), 0, False
     try:
         while not run.done and (stop_after is None or epochs_this_call < stop_after):
             stats = train_epoch(run, loader, writer, progress)
             validate_and_checkpoint(run, stats, writer, progress)
             epochs_this_call += 1
+        finished = True
     finally:
         writer.close()
-        leave_world(run.world)
+        leave_world(run.world, finished)
     state = run.state
     return {"epochs": state["epoch"], "steps": state["step"], "best_epoch": state["best_epoch"],
             "best_val_ndcg@10": state["best_ndcg"], "stopped_early": state["stopped"],
