@@ -9,10 +9,12 @@ most recent song, or the [MASK] whose song is to be predicted.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from config import Config
 from preprocessing_utils import (
     FEATURE_NAMES,
     FIRST_SONG_INDEX,
@@ -20,6 +22,7 @@ from preprocessing_utils import (
     PAD_INDEX,
     Encoders,
     Sequences,
+    load_training_file,
 )
 
 
@@ -222,3 +225,15 @@ class TrainBatches(torch.utils.data.Dataset):
             share = np.array_split(np.arange(len(rows)), size)[rank]
             inputs, labels = inputs[share], labels[share]
         return torch.from_numpy(inputs), torch.from_numpy(labels)
+
+
+def load_data(data_dir: Path) -> tuple[Encoders, Sequences]:
+    """The encoders and the training file written by preprocessing.py into ``data_dir``."""
+    encoders = Encoders.load(Path(data_dir) / "encoders")
+    return encoders, load_training_file(data_dir, encoders.n_song_tokens)
+
+
+def split_for(config: Config, sequences: Sequences) -> Split:
+    """The split a run of ``config`` trains and evaluates on (protocol, share and seed)."""
+    return split_sequences(sequences, config.data.split_protocol, config.data.train_share,
+                           config.train.seed, config.data.min_playlist_len)

@@ -10,6 +10,8 @@ then averaged.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -208,3 +210,17 @@ def evaluate_split(
         "transition": evaluate_scores(Transition(split.train, popularity), eval_set, batch,
                                       exclude),
     }
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to reuse freed memory instead of unmapping it (large logits buffers).
+
+    Each training step and evaluation batch allocates and frees buffers of tens to hundreds of
+    MB; by default glibc hands them back to the kernel and the next one pays the page faults
+    again (a third of a training step, 40% of an evaluation batch).
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-4, 0)  # M_MMAP_MAX: serve large blocks from the heap
+            libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap

@@ -14,8 +14,6 @@ Checkpoints hold tensors and plain Python values only, so they load with
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import json
 import math
 import os
@@ -26,7 +24,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -39,7 +36,6 @@ from checkpoint import (
     encoders_to_tensors,
     first_non_finite,
     load_checkpoint,
-    load_model,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -49,7 +45,7 @@ from config import (
     add_config_arguments,
     config_from_args,
 )
-from dataset import Split, TrainBatches, split_sequences
+from dataset import Split, TrainBatches, load_data, split_for
 from distributed import (
     NoWriter,
     World,
@@ -61,10 +57,11 @@ from distributed import (
     rank_seed,
     wrap_model,
 )
-from evaluation import autocast, evaluate_model, evaluate_split, format_table
+from evaluation import autocast, evaluate_model, format_table, keep_freed_memory
 from model import BERT4Rec
-from preprocessing_utils import DataError, Encoders, Sequences, load_training_file
-from recommender import NonFiniteScores, Recommendation, Recommender
+from preprocessing_utils import DataError, Encoders
+from recommender import NonFiniteScores, Recommender
+from sample import print_recommendations, read_sequence_csv, run_evaluate
 from sampled_softmax import NegativeSampler
 
 # ----------------------------------------------------------------------------- building blocks
@@ -81,20 +78,6 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: cuda requested but torch sees no CUDA device")
     return torch.device(name)
-
-
-def keep_freed_memory() -> None:
-    """Ask glibc to reuse freed memory instead of unmapping it (large logits buffers).
-
-    Each training step and evaluation batch allocates and frees buffers of tens to hundreds of
-    MB; by default glibc hands them back to the kernel and the next one pays the page faults
-    again (a third of a training step, 40% of an evaluation batch).
-    """
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-4, 0)  # M_MMAP_MAX: serve large blocks from the heap
-            libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed heap
 
 
 def make_optimizer(model: BERT4Rec, config: Config) -> torch.optim.AdamW:
@@ -127,18 +110,6 @@ def make_scheduler(
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def load_data(data_dir: Path) -> tuple[Encoders, Sequences]:
-    """The encoders and the training file written by preprocessing.py into ``data_dir``."""
-    encoders = Encoders.load(Path(data_dir) / "encoders")
-    return encoders, load_training_file(data_dir, encoders.n_song_tokens)
-
-
-def split_for(config: Config, sequences: Sequences) -> Split:
-    """The split a run of ``config`` trains and evaluates on (protocol, share and seed)."""
-    return split_sequences(sequences, config.data.split_protocol, config.data.train_share,
-                           config.train.seed, config.data.min_playlist_len)
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -454,65 +425,6 @@ def train(
 
 
 # ----------------------------------------------------------------------------- command line
-
-
-def run_evaluate(
-    checkpoint_path: Path, data_dir: Path, which: str, exclude_seen: bool | None, threads: int,
-) -> dict[str, Any]:
-    """Evaluate a checkpoint and both baselines on the split it was trained with."""
-    keep_freed_memory()
-    if threads:
-        torch.set_num_threads(threads)
-    encoders, sequences = load_data(data_dir)
-    loaded = load_model(checkpoint_path, encoders, where=Path(data_dir) / "encoders")
-    split = split_for(loaded.config, sequences)
-    results = evaluate_split(loaded.model, split, loaded.config, torch.device("cpu"), which,
-                             exclude_seen)
-    results["checkpoint"] = str(checkpoint_path)
-    results["model_version"] = loaded.model_version
-    return results
-
-
-def read_sequence_csv(path: Path) -> list[int]:
-    """Song ids of a ``pos,song_id`` CSV in position order."""
-    import pandas as pd
-
-    frame = pd.read_csv(path)
-    if not {"pos", "song_id"} <= set(frame.columns):
-        raise DataError(f"{path}: expected columns pos,song_id")
-    return frame.sort_values("pos")["song_id"].astype(np.int64).tolist()
-
-
-def print_recommendations(
-    sequence: list[int], recommendation: Recommendation, catalog: Path | None
-) -> None:
-    """The playlist and its recommendations as tables, with names when the catalog has them."""
-    names = None
-    if catalog is not None:
-        from preprocessing import read_catalog_names
-
-        names = read_catalog_names(Path(catalog))
-
-    def describe(song_id: int) -> str:
-        if names is None or song_id not in names.index:
-            return f"{song_id:>10}"
-        song, artist, album = (str(names.at[song_id, column])
-                               for column in ("song", "artist", "album"))
-        return f"{song_id:>10}  {song[:32]:<32}  {artist[:24]:<24}  {album[:28]}"
-
-    heading = f"{'song_id':>10}  {'song':<32}  {'artist':<24}  album"
-    print(f"Playlist ({len(sequence)} songs):")
-    print(f"{'#':>3}  {heading}")
-    for position, song_id in enumerate(sequence, start=1):
-        print(f"{position:>3}  {describe(song_id)}")
-    if recommendation.unknown_song_ids:
-        print(f"unknown to the model (ignored): {recommendation.unknown_song_ids}")
-    print(f"\nTop {len(recommendation.song_ids)} next songs:")
-    print(f"{'#':>3}  {'score':>7}  {heading}")
-    for rank, (song_id, score) in enumerate(
-        zip(recommendation.song_ids, recommendation.scores, strict=True), start=1
-    ):
-        print(f"{rank:>3}  {score:>7.4f}  {describe(song_id)}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -24,8 +24,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from checkpoint import load_model  # noqa: E402
 from config import load_config  # noqa: E402
+from dataset import load_data, split_for  # noqa: E402
 from evaluation import evaluate_split  # noqa: E402
-from train import load_data, split_for, train  # noqa: E402
+from train import train  # noqa: E402
 
 KEYS = ("ndcg@10", "hr@10", "mrr")
 

@@ -33,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import load_config
 from dataset import EvalSet, Playlists, TrainBatches
-from evaluation import evaluate_scores, model_scorer
+from evaluation import evaluate_scores, keep_freed_memory, model_scorer
 from model import BERT4Rec
 from preprocessing_utils import FIRST_SONG_INDEX, PAD_INDEX
 from sampled_softmax import NegativeSampler
-from train import keep_freed_memory, make_optimizer
+from train import make_optimizer
 
 # untimed first steps: the allocator's heap and the page tables grow during the first few
 WARMUP = 5

@@ -24,7 +24,8 @@ from checkpoint import (
     save_checkpoint,
 )
 from config import Config
-from train import run_evaluate, train
+from sample import run_evaluate
+from train import train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
