@@ -7,6 +7,7 @@ database on DATABASE_URL's server with that catalog loaded, and its own gunicorn
 catalog is synthetic: 116,293 songs, 22,152 albums, 12,561 artists, every song in a playlist.
 
     python benchmarks/bench_service.py [--sizes demo,full] [--requests 400] [--jobs 1000]
+    python benchmarks/bench_service.py --sizes full --soak 60   # 16 clients for 60 s as well
 
 The last line printed is one JSON object with every number.
 """
@@ -190,6 +191,17 @@ class Server:
             time.sleep(0.2)
         raise RuntimeError("gunicorn did not become ready in 120 s")
 
+    def worker_rss_mb(self) -> list[float]:
+        """Resident memory of each gunicorn worker process (the master's children), in MB."""
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        sizes = []
+        for pid in children.read_text().split():
+            status = Path(f"/proc/{pid}/status").read_text()
+            kilobytes = next(line.split()[1] for line in status.splitlines()
+                             if line.startswith("VmRSS:"))
+            sizes.append(round(int(kilobytes) / 1024, 1))
+        return sizes
+
     def stop(self) -> None:
         """SIGTERM the process group and wait."""
         os.killpg(self.process.pid, 15)
@@ -239,6 +251,49 @@ def bench_sync(port: int, bodies: list[dict], clients: int) -> dict[str, float]:
     return {"requests": len(latencies), "p50_ms": round(1000 * statistics.median(latencies), 2),
             "p99_ms": round(1000 * quantiles[98], 2), "requests_per_s": round(len(latencies)
                                                                                / elapsed, 1)}
+
+
+def soak(server: Server, bodies: list[dict], clients: int, seconds: float) -> dict[str, Any]:
+    """``clients`` sending sync requests back to back for ``seconds``: errors, rate, latency,
+    and the workers' memory before and after (a leak shows as growth)."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client(offset: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        mine, index = [], offset
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            try:
+                status, _ = request(server.port, "POST", "/recommendations",
+                                    bodies[index % len(bodies)], connection)
+            except (OSError, http.client.HTTPException, ValueError) as error:
+                status = type(error).__name__
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            mine.append(time.perf_counter() - started)
+            if status != 200:
+                with lock:
+                    errors.append(str(status))
+            index += clients
+        connection.close()
+        with lock:
+            latencies.extend(mine)
+
+    rss_start = server.worker_rss_mb()
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    elapsed = time.perf_counter() - started
+    quantiles = statistics.quantiles(latencies, n=100)
+    return {"clients": clients, "seconds": round(elapsed, 1), "requests": len(latencies),
+            "errors": len(errors), "error_kinds": sorted(set(errors)),
+            "requests_per_s": round(len(latencies) / elapsed, 1),
+            "p50_ms": round(1000 * statistics.median(latencies), 2),
+            "p99_ms": round(1000 * quantiles[98], 2),
+            "worker_rss_mb_start": rss_start, "worker_rss_mb_end": server.worker_rss_mb()}
 
 
 def bench_async(port: int, database: ThrowawayDatabase, playlist_ids: list[int], k: int
@@ -301,6 +356,7 @@ def run_size(size: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         bench_sync(server.port, bodies[: min(50, len(bodies))], 1)
         sync = {str(clients): bench_sync(server.port, bodies, clients)
                 for clients in args.clients}
+        soaked = soak(server, bodies, 16, args.soak) if args.soak else None
         jobs = [row[0] for row in rows[: args.jobs]]
         bench_async(server.port, database, jobs[: min(100, len(jobs))], 10)
         queue = bench_async(server.port, database, jobs, 10)
@@ -308,7 +364,10 @@ def run_size(size: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if server is not None:
             server.stop()
         database.drop()
-    return {"songs": recommender.n_songs, "preset": preset, "sync": sync, "async": queue}
+    result = {"songs": recommender.n_songs, "preset": preset, "sync": sync, "async": queue}
+    if soaked is not None:
+        result["soak"] = soaked
+    return result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -325,6 +384,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--job-threads", type=int, default=1, help="queue threads per process")
     parser.add_argument("--job-batch-size", type=int, default=64)
     parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
+                        help="also run 16 sync clients back to back for SECONDS (0: skip)")
     parser.add_argument("--database-url", default=default_database_url(),
         help="server where a throwaway database is created (needs CREATE DATABASE)")
     args = parser.parse_args(argv)
@@ -333,6 +394,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.sizes) - {"demo", "full"}
     if unknown:
         parser.error(f"--sizes: unknown size {sorted(unknown)[0]!r}")
+    if not 0 <= args.soak <= 3600:
+        parser.error("--soak must be between 0 and 3600 seconds")
     if not 1 <= args.requests <= 100_000 or not 1 <= args.jobs <= 100_000:
         parser.error("--requests and --jobs must be between 1 and 100000")
     return args
