@@ -34,6 +34,9 @@ import numpy as np
 import psycopg2
 from psycopg2 import sql
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from db import sql_text
+
 DEFAULT_SEED = 20261128
 DEFAULT_CHUNK_ROWS = 250_000
 SEQUENCE_GENRE = "indie folk"
@@ -44,7 +47,6 @@ NAME_TRIES = 20
 # second and an LP of 6-16 tracks above it; the means of those EP and LP sizes.
 KIND_BOUNDS = (0.58, 0.87)
 EP_MEAN, LP_MEAN = 3.0, 11.0
-SCHEMA_FILE = Path(__file__).resolve().parents[1] / "sql" / "schema.sql"
 TABLES = ("artists", "albums", "songs", "playlists", "playlist_songs")
 
 UNIT_FEATURES = (
@@ -977,8 +979,8 @@ class CopyTables:
 
     def write(self, table: str, columns: Sequence[str], chunks: Iterable[Rows]) -> int:
         """COPY one table from its chunks of rows (the CSV bytes the files hold); return rows."""
-        statement = sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT csv)").format(
-            sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, columns)))
+        statement = sql.SQL(sql_text("generate_copy")).format(
+            table=sql.Identifier(table), columns=sql.SQL(", ").join(map(sql.Identifier, columns)))
         count = 0
         for rows in chunks:
             buffer = io.StringIO()
@@ -1000,22 +1002,13 @@ def write_tables(tables: Tables, chunks: Iterable[TableChunks]) -> dict[str, int
     return counts
 
 
-FOREIGN_KEYS = sql.SQL(
-    "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
-    "WHERE contype = 'f' AND conrelid = %s::regclass ORDER BY conname")
-PLAIN_INDEXES = sql.SQL(
-    "SELECT c.relname, pg_get_indexdef(x.indexrelid) FROM pg_index x "
-    "JOIN pg_class c ON c.oid = x.indexrelid "
-    "WHERE x.indrelid = %s::regclass AND NOT x.indisunique ORDER BY c.relname")
-
-
 def open_database(dsn: str) -> Any:
     """Connect, create the schema of sql/schema.sql if missing (safe to repeat) and check that
     the five tables are empty, before any time is spent generating."""
     connection = psycopg2.connect(dsn, connect_timeout=10)
     try:
         with connection, connection.cursor() as cursor:
-            cursor.execute(SCHEMA_FILE.read_text(encoding="utf-8"))
+            cursor.execute(sql_text("schema"))
             ensure_empty(cursor)
     except BaseException:
         connection.close()
@@ -1026,7 +1019,8 @@ def open_database(dsn: str) -> Any:
 def ensure_empty(cursor: Any) -> None:
     """Refuse to add generated rows to tables that already hold some."""
     for table in TABLES:
-        cursor.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(sql.Identifier(table)))
+        cursor.execute(sql.SQL(sql_text("generate_table_has_rows")).format(
+            table=sql.Identifier(table)))
         if cursor.fetchone()[0]:
             raise OptionError("--database", f"table {table} already holds rows; generate into "
                               "a database whose catalog tables are empty")
@@ -1043,15 +1037,16 @@ def defer_checks(cursor: Any) -> list[sql.Composable]:
     indexes: list[sql.Composable] = []
     for table in TABLES:
         name = sql.Identifier(table)
-        cursor.execute(FOREIGN_KEYS, (table,))
+        cursor.execute(sql_text("generate_foreign_keys"), {"table": table})
         for constraint, definition in cursor.fetchall():
-            drops.append(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
-                name, sql.Identifier(constraint)))
-            rebuild.append(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
-                name, sql.Identifier(constraint), sql.SQL(definition)))
-        cursor.execute(PLAIN_INDEXES, (table,))
+            drops.append(sql.SQL(sql_text("generate_drop_constraint")).format(
+                table=name, name=sql.Identifier(constraint)))
+            rebuild.append(sql.SQL(sql_text("generate_add_constraint")).format(
+                table=name, name=sql.Identifier(constraint), definition=sql.SQL(definition)))
+        cursor.execute(sql_text("generate_plain_indexes"), {"table": table})
         for index, definition in cursor.fetchall():
-            drops.append(sql.SQL("DROP INDEX {}").format(sql.Identifier(index)))
+            drops.append(sql.SQL(sql_text("generate_drop_index")).format(
+                name=sql.Identifier(index)))
             indexes.append(sql.SQL(definition))
     for statement in drops:
         cursor.execute(statement)
@@ -1069,7 +1064,8 @@ def load_database(connection: Any, chunks: Iterable[TableChunks]) -> dict[str, i
         for statement in rebuild:
             cursor.execute(statement)
         for table in TABLES:
-            cursor.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table)))
+            cursor.execute(sql.SQL(sql_text("generate_analyze")).format(
+                table=sql.Identifier(table)))
         print(f"indexes and foreign keys: rebuilt and checked in "
               f"{time.perf_counter() - started:.1f} s", flush=True)
     return counts

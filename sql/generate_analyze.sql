@@ -1,0 +1,2 @@
+-- demo data/generate.py --database: fresh planner statistics after the load.
+ANALYZE {table}

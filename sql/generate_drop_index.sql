@@ -1,0 +1,2 @@
+-- demo data/generate.py --database: drop a non-unique index for the load.
+DROP INDEX {name}
