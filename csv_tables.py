@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ BOOLEAN_WORDS = {"true": "1", "false": "0", "t": "1", "f": "0"}
 QUOTE, COMMA, NEWLINE, CARRIAGE_RETURN = (ord(char) for char in '",\n\r')
 UTF8_BOM = b"\xef\xbb\xbf"
 SCAN_CHUNK_BYTES = 1 << 24
+# rows per piece when reading playlist_songs.csv (~100 MB of parser memory at a time)
+DEFAULT_CHUNK_ROWS = 1_000_000
 BIGINT = (-(2**63), 2**63 - 1)
 # playlist_songs.pos is `integer NOT NULL CHECK (pos >= 0)` in sql/schema.sql
 POSITION_RANGE = (0, 2**31 - 1)
@@ -219,10 +222,34 @@ def _read_columns(
     try:
         frame = pd.read_csv(path, usecols=positions, encoding="utf-8-sig", **options)
     except pd.errors.ParserError as error:
-        detail = str(error).replace("Error tokenizing data. C error: ", "").strip()
-        raise DataError(f"{path.name}: malformed row: {detail}") from None
+        raise _malformed(path, error) from None
     frame.columns = [header[position] for position in positions]
     return frame[columns]
+
+
+def _malformed(path: Path, error: pd.errors.ParserError) -> DataError:
+    """The error for a row pandas' parser refuses (after the byte scan accepted the file)."""
+    detail = str(error).replace("Error tokenizing data. C error: ", "").strip()
+    return DataError(f"{path.name}: malformed row: {detail}")
+
+
+def _column_chunks(
+    path: Path, header: list[str], columns: list[str], chunk_rows: int, **options: Any
+) -> Iterator[pd.DataFrame]:
+    """``_read_columns`` in pieces of ``chunk_rows`` rows, so a large table is never whole.
+
+    A header-only file gives one empty piece.
+    """
+    positions = sorted({header.index(column) for column in columns})
+    names = [header[position] for position in positions]
+    try:
+        with pd.read_csv(path, usecols=positions, encoding="utf-8-sig", chunksize=chunk_rows,
+                         **options) as reader:
+            for frame in reader:
+                frame.columns = names
+                yield frame[columns]
+    except pd.errors.ParserError as error:
+        raise _malformed(path, error) from None
 
 
 def _read_csv_strings(
@@ -244,11 +271,37 @@ def _strings(
     """The stripped string cells and start lines of ``_read_csv_strings``, file already open."""
     frame = _read_columns(path, header, columns, dtype=str, keep_default_na=False,
                           skip_blank_lines=False)
-    frame = frame.apply(lambda column: column.str.strip())
     lines = layout.start_lines()
     if len(lines) != len(frame):
-        raise DataError(f"{path.name}: pandas read {len(frame)} rows where the file has "
-                        f"{len(lines)}; check its quoting")
+        raise _row_count_error(path, len(frame), len(lines))
+    return _filled_rows(frame, lines)
+
+
+def _string_chunks(
+    path: Path, header: list[str], layout: CsvLayout, columns: list[str], chunk_rows: int
+) -> Iterator[tuple[pd.DataFrame, np.ndarray]]:
+    """``_strings`` piece by piece: each piece's stripped cells and the lines its rows start on."""
+    lines = layout.start_lines()
+    done = 0
+    for frame in _column_chunks(path, header, columns, chunk_rows, dtype=str,
+                                keep_default_na=False, skip_blank_lines=False):
+        if done + len(frame) > len(lines):
+            raise _row_count_error(path, done + len(frame), len(lines))
+        yield _filled_rows(frame, lines[done:done + len(frame)])
+        done += len(frame)
+    if done != len(lines):
+        raise _row_count_error(path, done, len(lines))
+
+
+def _row_count_error(path: Path, read: int, rows: int) -> DataError:
+    """The error for pandas and the byte scan disagreeing on the number of rows."""
+    return DataError(f"{path.name}: pandas read {read} rows where the file has {rows}; "
+                     f"check its quoting")
+
+
+def _filled_rows(frame: pd.DataFrame, lines: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
+    """Stripped cells and start lines of the rows that are not blank (some cell non-empty)."""
+    frame = frame.apply(lambda column: column.str.strip())
     filled = (frame != "").any(axis=1).to_numpy()
     return frame[filled].reset_index(drop=True), lines[filled]
 
@@ -316,29 +369,61 @@ def _parse_column(
     return pd.Series(values.to_numpy(dtype=np.float64, na_value=np.nan))
 
 
-def read_csv_playlists(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """playlist_id, pos and song_id arrays of a playlist_songs.csv file, in file order.
+def read_csv_playlists(
+    path: Path, chunk_rows: int = DEFAULT_CHUNK_ROWS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """playlist_id (int64), pos (int32) and song_id (int64) of a playlist_songs.csv, in file order.
 
-    The common case is read as int64 by pandas directly (no strings held); any value that
-    does not fit (empty, not an integer, outside bigint, a pos outside ``integer`` or
-    negative) sends the file through the string reader, which names the first bad row.
+    The file is read ``chunk_rows`` rows at a time into arrays sized from the byte scan, so
+    memory is the three arrays plus one piece. Pieces pandas reads as int64 directly (with pos
+    within ``integer`` and not negative) are copied as they are; the first that does not fit
+    (empty, not an integer, outside bigint) sends the file through the string reader, which
+    names the first bad row.
     """
-    columns = CSV_COLUMNS["playlist_songs"]
-    header, layout = _open_csv(path, columns)
-    frame = _read_columns(path, header, list(columns))
-    if all(frame[column].dtype == np.int64 for column in columns):
+    columns = list(CSV_COLUMNS["playlist_songs"])
+    header, layout = _open_csv(path, tuple(columns))
+    table = _PlaylistRows(layout.rows)
+    low, high = POSITION_RANGE
+    for frame in _column_chunks(path, header, columns, chunk_rows):
         positions = frame["pos"].to_numpy()
-        low, high = POSITION_RANGE
-        if not len(positions) or (positions.min() >= low and positions.max() <= high):
-            ids, pos, songs = (frame[column].to_numpy(dtype=np.int64) for column in columns)
-            return ids, pos, songs
-    del frame
-    strings, lines = _strings(path, header, layout, list(columns))
-    ids, pos, songs = (_parse_column(strings, column, path.name, lines, integer=True,
+        if not all(frame[column].dtype == np.int64 for column in columns) or (
+                len(positions) and (positions.min() < low or positions.max() > high)):
+            break
+        table.append(*(frame[column].to_numpy(dtype=np.int64) for column in columns))
+    else:
+        return table.arrays()
+    table = _PlaylistRows(layout.rows)
+    for strings, lines in _string_chunks(path, header, layout, columns, chunk_rows):
+        table.append(*(_parse_column(strings, column, path.name, lines, integer=True,
                                      required=True,
                                      bounds=POSITION_RANGE if column == "pos" else BIGINT)
-                       .to_numpy(dtype=np.int64) for column in columns)
-    return ids, pos, songs
+                       .to_numpy(dtype=np.int64) for column in columns))
+    return table.arrays()
+
+
+class _PlaylistRows:
+    """Preallocated playlist_id, pos and song_id arrays filled piece by piece."""
+
+    def __init__(self, capacity: int) -> None:
+        """Room for ``capacity`` rows (the byte scan's row count bounds the data rows)."""
+        self.playlist_ids = np.empty(capacity, dtype=np.int64)
+        self.positions = np.empty(capacity, dtype=np.int32)
+        self.song_ids = np.empty(capacity, dtype=np.int64)
+        self.filled = 0
+
+    def append(self, playlist_ids: np.ndarray, positions: np.ndarray,
+               song_ids: np.ndarray) -> None:
+        """Copy one piece's rows (positions already checked to fit int32) after the others."""
+        end = self.filled + len(playlist_ids)
+        self.playlist_ids[self.filled:end] = playlist_ids
+        self.positions[self.filled:end] = positions
+        self.song_ids[self.filled:end] = song_ids
+        self.filled = end
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The filled rows (views, no copy)."""
+        end = self.filled
+        return self.playlist_ids[:end], self.positions[:end], self.song_ids[:end]
 
 
 def read_csv_songs(path: Path) -> pd.DataFrame:

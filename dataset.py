@@ -1,4 +1,4 @@
-"""Training samples from the training file: split protocols, windows and cloze masking.
+"""Training samples from the training file: split protocols, windows, cloze and causal batches.
 
 Everything is built once as flat arrays (CSR: ``songs[offsets[i]:offsets[i + 1]]`` is
 sequence i) and whole batches are cut from them with numpy, never item by item. Windows are
@@ -154,9 +154,16 @@ def gather_windows(
     return np.where(valid, playlists.songs[flat], PAD_INDEX)
 
 
-def eval_tokens(eval_set: EvalSet, rows: np.ndarray, seq_len: int) -> torch.Tensor:
-    """Inputs (len(rows), seq_len): the latest seq_len - 1 songs, then [MASK] to predict."""
+def eval_tokens(
+    eval_set: EvalSet, rows: np.ndarray, seq_len: int, causal: bool = False
+) -> torch.Tensor:
+    """Inputs (len(rows), seq_len): the latest seq_len - 1 songs, then [MASK] to predict.
+
+    ``causal``: the latest seq_len songs and no [MASK]; the last song's position predicts.
+    """
     lengths = eval_set.inputs.lengths[rows]
+    if causal:
+        return torch.from_numpy(gather_windows(eval_set.inputs, rows, lengths, seq_len))
     tokens = np.full((len(rows), seq_len), MASK_INDEX, dtype=np.int64)
     tokens[:, :-1] = gather_windows(eval_set.inputs, rows, lengths, seq_len - 1)
     return torch.from_numpy(tokens)
@@ -167,8 +174,10 @@ class TrainBatches(torch.utils.data.Dataset):
 
     An epoch covers the data: a sequence of n songs gives ``ceil(n / seq_len)`` samples, each
     a random window of up to ``seq_len`` of its songs; a window's last song is always masked,
-    each other song with probability ``cloze_probability``. ``order[i]`` is the sequence of
-    sample i of the current epoch.
+    each other song with probability ``cloze_probability``. ``causal`` (SASRec's objective)
+    masks nothing: a window of up to ``seq_len + 1`` songs gives the inputs (all but its last)
+    and, at every position holding a song, the label of the song after it.
+    ``order[i]`` is the sequence of sample i of the current epoch.
     Works as a map-style dataset of whole batches (``DataLoader(batch_size=None)``), so
     DataLoader workers and resumed runs produce exactly the same batches.
     ``shard = (rank, size)`` (torchrun): batch i is rank's contiguous share of the same global
@@ -177,7 +186,7 @@ class TrainBatches(torch.utils.data.Dataset):
 
     def __init__(
         self, playlists: Playlists, seq_len: int, cloze_probability: float, batch_size: int,
-        seed: int, shard: tuple[int, int] = (0, 1),
+        seed: int, shard: tuple[int, int] = (0, 1), causal: bool = False,
     ) -> None:
         if len(playlists) == 0:
             raise ValueError("no training sequences: the data or the split left none")
@@ -186,6 +195,7 @@ class TrainBatches(torch.utils.data.Dataset):
         self.cloze_probability = cloze_probability
         self.batch_size = batch_size
         self.seed = seed
+        self.causal = causal
         windows = -(-playlists.lengths // seq_len)
         self.samples = np.repeat(np.arange(len(playlists)), windows)
         self.order = self.samples
@@ -212,14 +222,19 @@ class TrainBatches(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
         lengths = self.playlists.lengths[rows]
-        widths = np.minimum(lengths, self.seq_len)
+        span = self.seq_len + self.causal
+        widths = np.minimum(lengths, span)
         ends = widths + rng.integers(0, lengths - widths + 1)
-        tokens = gather_windows(self.playlists, rows, ends, self.seq_len)
-        real = tokens != PAD_INDEX
-        masked = real & (rng.random(tokens.shape) < self.cloze_probability)
-        masked[:, -1] = True
-        labels = np.where(masked, tokens, PAD_INDEX)
-        inputs = np.where(masked, MASK_INDEX, tokens)
+        tokens = gather_windows(self.playlists, rows, ends, span)
+        if self.causal:
+            inputs = tokens[:, :-1]
+            labels = np.where(inputs != PAD_INDEX, tokens[:, 1:], PAD_INDEX)
+        else:
+            real = tokens != PAD_INDEX
+            masked = real & (rng.random(tokens.shape) < self.cloze_probability)
+            masked[:, -1] = True
+            labels = np.where(masked, tokens, PAD_INDEX)
+            inputs = np.where(masked, MASK_INDEX, tokens)
         rank, size = self.shard
         if size > 1:
             share = np.array_split(np.arange(len(rows)), size)[rank]
@@ -228,9 +243,13 @@ class TrainBatches(torch.utils.data.Dataset):
 
 
 def load_data(data_dir: Path) -> tuple[Encoders, Sequences]:
-    """The encoders and the training file written by preprocessing.py into ``data_dir``."""
+    """The encoders and the training file written by preprocessing.py into ``data_dir``.
+
+    The training arrays are memory-mapped copy-on-write, so a Million-Playlist-size file opens
+    at once and processes reading it share its pages.
+    """
     encoders = Encoders.load(Path(data_dir) / "encoders")
-    return encoders, load_training_file(data_dir, encoders.n_song_tokens)
+    return encoders, load_training_file(data_dir, encoders.n_song_tokens, mmap=True)
 
 
 def split_for(config: Config, sequences: Sequences) -> Split:

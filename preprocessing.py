@@ -41,7 +41,7 @@ from psycopg2.extensions import connection as Connection
 import db
 from atomic_files import replace_folder
 from config import BUILD_DIR, DEFAULT_DATABASE_URL, DEMO_DATA_DIR, default_database_url
-from csv_tables import read_csv_playlists, read_csv_songs, read_names_table
+from csv_tables import DEFAULT_CHUNK_ROWS, read_csv_playlists, read_csv_songs, read_names_table
 from preprocessing_utils import (
     SONG_COLUMNS,
     TRAINING_NPZ,
@@ -58,7 +58,11 @@ ENCODERS_SUBDIR = "encoders"
 
 @dataclass
 class SourceData:
-    """Raw playlist rows as three aligned arrays, plus the songs catalog when there is one."""
+    """Raw playlist rows as three aligned arrays, plus the songs catalog when there is one.
+
+    playlist_ids and song_ids are int64 (bigint), positions int32 (the schema's ``integer``):
+    20 bytes a row, the only memory that grows with the number of playlist entries.
+    """
 
     playlist_ids: np.ndarray
     positions: np.ndarray
@@ -66,12 +70,16 @@ class SourceData:
     songs: pd.DataFrame | None
 
 
-def read_csv_source(data_dir: Path) -> SourceData:
-    """Playlists (and songs.csv, when present) of a folder of CSV tables."""
+def read_csv_source(data_dir: Path, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> SourceData:
+    """Playlists (and songs.csv, when present) of a folder of CSV tables.
+
+    playlist_songs.csv is read ``chunk_rows`` rows at a time (see csv_tables.read_csv_playlists).
+    """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: data folder not found")
-    playlist_ids, positions, song_ids = read_csv_playlists(data_dir / "playlist_songs.csv")
+    playlist_ids, positions, song_ids = read_csv_playlists(data_dir / "playlist_songs.csv",
+                                                           chunk_rows)
     songs_path = data_dir / "songs.csv"
     songs = read_csv_songs(songs_path) if songs_path.is_file() else None
     return SourceData(playlist_ids, positions, song_ids, songs)
@@ -80,20 +88,29 @@ def read_csv_source(data_dir: Path) -> SourceData:
 def read_postgres_source(connection: Connection, itersize: int = DEFAULT_ITERSIZE) -> SourceData:
     """Stream playlists and the used songs' features through server-side cursors, one snapshot.
 
-    The playlist rows fill preallocated arrays chunk by chunk, so the table is held once.
+    The playlist rows fill three preallocated arrays ``itersize`` rows at a time, so the
+    table is held once, at 20 bytes a row.
     """
     with db.read_snapshot(connection):
         with connection.cursor() as cursor:
             cursor.execute(db.sql_text("playlists_count"))
             total = int(db.fetch_one(cursor)[0])
-        rows = np.empty((total, 3), dtype=np.int64)
+        playlist_ids = np.empty(total, dtype=np.int64)
+        positions = np.empty(total, dtype=np.int32)
+        song_ids = np.empty(total, dtype=np.int64)
         filled = 0
         with connection.cursor(name="b4mr_playlist_songs") as cursor:
             cursor.itersize = itersize
             cursor.execute(db.sql_text("playlists"))
             while chunk := cursor.fetchmany(itersize):
-                rows[filled:filled + len(chunk)] = chunk
-                filled += len(chunk)
+                end = filled + len(chunk)
+                if end > total:
+                    break
+                block = np.array(chunk, dtype=np.int64).reshape(-1, 3)
+                playlist_ids[filled:end] = block[:, 0]
+                positions[filled:end] = block[:, 1]
+                song_ids[filled:end] = block[:, 2]
+                filled = end
         columns: list[list[object]] = [[] for _ in SONG_COLUMNS]
         with connection.cursor(name="b4mr_songs") as cursor:
             cursor.itersize = itersize
@@ -110,7 +127,7 @@ def read_postgres_source(connection: Connection, itersize: int = DEFAULT_ITERSIZ
                               "artist_id": pd.array(columns[2], dtype="Int64")})
         for name, values in zip(SONG_COLUMNS[3:], columns[3:], strict=True):
             songs[name] = np.asarray(values, dtype=np.float64)
-    return SourceData(rows[:, 0], rows[:, 1], rows[:, 2], songs)
+    return SourceData(playlist_ids, positions, song_ids, songs)
 
 
 def read_catalog_names(source: Path | Connection) -> pd.DataFrame:
@@ -146,42 +163,48 @@ def build_sequences(
     """Order, check and encode playlist rows (fitting encoders when none are given).
 
     Returns the encoders, the CSR playlists and a report of every cleaning rule applied.
+    Rows already in (playlist, pos) order, as the database and the generator give them, are
+    not copied; temporaries are a few bytes a row.
     """
-    order = np.lexsort((data.positions, data.playlist_ids))
-    playlist_ids = data.playlist_ids[order]
-    positions = data.positions[order]
-    song_ids = data.song_ids[order]
+    order = _playlist_order(data.playlist_ids, data.positions)
+    playlist_ids, positions, song_ids = (
+        (data.playlist_ids, data.positions, data.song_ids) if order is None else
+        (data.playlist_ids[order], data.positions[order], data.song_ids[order]))
+    del order
+    rows = len(playlist_ids)
     same_playlist = playlist_ids[1:] == playlist_ids[:-1]
     duplicate = same_playlist & (positions[1:] == positions[:-1])
     if duplicate.any():
         row = int(np.flatnonzero(duplicate)[0])
         raise DataError(f"playlist_songs: playlist {playlist_ids[row]} has pos "
                         f"{positions[row]} more than once")
-    starts = np.flatnonzero(np.concatenate([[True], ~same_playlist])) if len(order) else (
+    del duplicate
+    starts = np.flatnonzero(np.concatenate([[True], ~same_playlist])) if rows else (
         np.zeros(0, dtype=np.int64))
-    lengths = np.diff(np.append(starts, len(order)))
-    expected = np.arange(len(order)) - np.repeat(starts, lengths)
+    del same_playlist
+    lengths = np.diff(np.append(starts, rows))
+    expected = np.arange(rows) - np.repeat(starts, lengths)
     renumbered = len(np.unique(playlist_ids[positions != expected]))
+    del expected, lengths
 
     fitted = encoders is None
     if encoders is None:
-        interactions = pd.DataFrame({"playlist_id": playlist_ids, "pos": positions,
-                                     "song_id": song_ids}, copy=False)
-        encoders = Encoders.fit(interactions, data.songs)
+        encoders = Encoders.fit(pd.DataFrame({"song_id": song_ids}, copy=False), data.songs)
     tokens = encoders.encode_songs(song_ids)
     keep = tokens >= 0
     reason = "song_not_in_catalog" if fitted else "song_unknown_to_encoders"
-    kept_ids, tokens = playlist_ids[keep], tokens[keep]
+    kept_ids, tokens = (playlist_ids, tokens) if keep.all() else (playlist_ids[keep],
+                                                                  tokens[keep])
     if not len(tokens):
-        raise DataError(f"playlist_songs: no usable rows ({len(order)} read, "
+        raise DataError(f"playlist_songs: no usable rows ({rows} read, "
                         f"{int((~keep).sum())} with songs missing from the catalog or encoders)")
     new_playlist = np.concatenate([[True], kept_ids[1:] != kept_ids[:-1]])
     kept_starts = np.flatnonzero(new_playlist)
     sequences = Sequences(kept_ids[kept_starts].astype(np.int64),
                           np.append(kept_starts, len(tokens)).astype(np.int64),
-                          tokens.astype(np.int64))
+                          tokens.astype(np.int64, copy=False))
     report: dict[str, object] = {
-        "rows_read": len(order),
+        "rows_read": rows,
         "rows_kept": len(tokens),
         "playlists_read": len(starts),
         "playlists": len(sequences),
@@ -196,9 +219,21 @@ def build_sequences(
     return encoders, sequences, report
 
 
+def _playlist_order(playlist_ids: np.ndarray, positions: np.ndarray) -> np.ndarray | None:
+    """The permutation into (playlist, pos) order, or None when the rows are in it already."""
+    if len(playlist_ids) < 2:
+        return None
+    later = playlist_ids[1:] > playlist_ids[:-1]
+    later |= (playlist_ids[1:] == playlist_ids[:-1]) & (positions[1:] >= positions[:-1])
+    if later.all():
+        return None
+    return np.lexsort((positions, playlist_ids))
+
+
 def _sha256(path: Path) -> str:
-    """sha256 hex digest of a file."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """sha256 hex digest of a file, read in pieces."""
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _check_output_folder(out_dir: Path) -> None:
@@ -227,19 +262,22 @@ def preprocess(
     encoders_dir: Path | None = None,
     refit_dir: Path | None = None,
     itersize: int = DEFAULT_ITERSIZE,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> dict[str, object]:
     """Read a source, fit or load encoders, write out_dir/training.npz and out_dir/encoders/.
 
     ``out_dir`` is replaced as a whole (a reader sees the old set or the new one, never the new
-    training file beside old encoders). Returns the summary (counts, cleaning report,
-    fingerprints, seconds).
+    training file beside old encoders). ``itersize`` (PostgreSQL) and ``chunk_rows`` (CSV) set
+    how many playlist rows are read at a time; the output does not depend on them. Returns the
+    summary (counts, cleaning report, fingerprints, seconds).
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
     _check_output_folder(out_dir)
     encoders = Encoders.load(Path(encoders_dir)) if encoders_dir is not None else None
     if source == "csv":
-        data = read_csv_source(Path(data_dir if data_dir is not None else DEMO_DATA_DIR))
+        data = read_csv_source(Path(data_dir if data_dir is not None else DEMO_DATA_DIR),
+                               chunk_rows)
     elif source == "postgres":
         connection = db.connect(dsn or default_database_url())
         try:
@@ -340,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--itersize", type=int, default=DEFAULT_ITERSIZE,
                         help="rows per round trip when streaming from PostgreSQL "
                              "(default: %(default)s)")
+    parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS,
+                        help="playlist_songs.csv rows read at a time (default: %(default)s)")
     return parser
 
 
@@ -357,8 +397,8 @@ def _setup_database(dsn: str, load_dir: Path | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 for bad input, with a one-line message)."""
     args = build_parser().parse_args(argv)
-    if args.itersize < 1:
-        print("error: --itersize must be positive", file=sys.stderr)
+    if args.itersize < 1 or args.chunk_rows < 1:
+        print("error: --itersize and --chunk-rows must be positive", file=sys.stderr)
         return 2
     try:
         if args.create_schema or args.load_csv is not None:
@@ -368,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         source = args.source or "csv"
         summary = preprocess(source, args.out if args.out is not None else BUILD_DIR / source,
                              data_dir=args.data, dsn=args.dsn, encoders_dir=args.encoders,
-                             refit_dir=args.refit_encoders, itersize=args.itersize)
+                             refit_dir=args.refit_encoders, itersize=args.itersize,
+                             chunk_rows=args.chunk_rows)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

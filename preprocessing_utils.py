@@ -34,12 +34,12 @@ import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
 
 from atomic_files import atomic_write
+from npz_files import read_npz_arrays, write_npz
 
 logger = logging.getLogger(__name__)
 
@@ -170,25 +170,10 @@ def _numeric_matrix(songs: pd.DataFrame) -> np.ndarray:
     return np.column_stack([*binary, *numbers, *audio, duration])
 
 
-def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Atomically write an uncompressed .npz whose bytes depend only on the arrays."""
-
-    def write(file: BinaryIO) -> None:
-        with zipfile.ZipFile(file, mode="w", compression=zipfile.ZIP_STORED) as archive:
-            for name, array in arrays.items():
-                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-                with archive.open(info, mode="w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.require(array, requirements="C"),
-                                              allow_pickle=False)
-
-    atomic_write(path, write)
-
-
-def read_npz(path: Path) -> dict[str, np.ndarray]:
-    """Read every array of an .npz file without ever unpickling."""
+def read_npz(path: Path, mmap: bool = False) -> dict[str, np.ndarray]:
+    """Every array of an .npz file, never unpickling (see npz_files); DataError when bad."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {name: archive[name] for name in archive.files}
+        return read_npz_arrays(path, mmap)
     except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise DataError(f"{path}: cannot read: {error}") from None
 
@@ -498,12 +483,18 @@ def save_training_file(
     return path
 
 
-def load_training_file(folder: Path, n_song_tokens: int | None = None) -> Sequences:
-    """Read and validate folder/training.npz (optionally against the encoders' song count)."""
+def load_training_file(
+    folder: Path, n_song_tokens: int | None = None, mmap: bool = False
+) -> Sequences:
+    """Read and validate folder/training.npz (optionally against the encoders' song count).
+
+    ``mmap`` maps the arrays copy-on-write instead of reading them (fast at millions of rows,
+    pages shared between processes); the validation still reads them once.
+    """
     path = Path(folder) / TRAINING_NPZ
     if not path.is_file():
         raise DataError(f"{path}: training file not found; run preprocessing.py first")
-    arrays = read_npz(path)
+    arrays = read_npz(path, mmap)
     missing = [name for name in ("playlist_ids", "offsets", "songs") if name not in arrays]
     if missing:
         raise DataError(f"{path}: missing array {missing[0]!r}")
