@@ -1,8 +1,11 @@
 """gunicorn settings for `make serve` (gunicorn --config gunicorn.conf.py "flask_app:create_app()").
 
 Binds HOST:PORT (default 127.0.0.1:8000) with WORKERS processes of THREADS threads each.
-Every worker process loads the model and starts its own queue worker threads after the fork
-(the master never does); SIGTERM lets them finish the batch in hand before the process exits.
+The master loads the model once before it forks (and again on SIGHUP, before the new workers),
+so all workers share its pages copy-on-write; a load that fails leaves the service running and
+not ready, with the reason on /ready. Every worker builds its database pool and starts its own
+queue worker threads after the fork (the master never does); SIGTERM lets them finish the batch
+in hand before the process exits.
 Prometheus metrics of all processes are aggregated through PROMETHEUS_MULTIPROC_DIR, which
 is created here when it is not set (and removed again when gunicorn exits; a folder the user
 gave is kept); it must be set before prometheus_client is imported.
@@ -25,6 +28,7 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 
 from prometheus_client import multiprocess
 
+import service
 from config import Settings
 from flask_app import EXTENSION_KEY
 from http_worker import BufferingThreadWorker
@@ -47,9 +51,21 @@ logging.basicConfig(level=loglevel.upper(),
 
 
 def on_starting(server: Any) -> None:
-    """Start from an empty metrics folder, so counters of an earlier run do not linger."""
+    """Start from an empty metrics folder, so counters of an earlier run do not linger, and
+    load the model once for all workers."""
     for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
         stale.unlink()
+    service.preload_model(_settings)
+
+
+def on_reload(server: Any) -> None:
+    """SIGHUP: load the checkpoint again (it may have been replaced) for the new workers."""
+    service.preload_model(Settings.from_env())
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """Give torch back its thread count, set to one in the master for the load."""
+    service.after_fork()
 
 
 def on_exit(server: Any) -> None:

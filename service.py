@@ -1,18 +1,26 @@
 """The state of one service process: the model and the catalog's names, each loaded once on
 first need, the database pool and the queue workers built on them.
 
+Under gunicorn the model is loaded once in the master before it forks (``preload_model``), so
+every worker serves the same pages of the scoring matrix and index, shared copy-on-write; the
+database pool and the queue workers are still built in each worker after the fork. Without a
+preload (``flask run``, the CLI) each process loads the model itself on first need.
+
 Kept apart from flask_app.py so that the routes read as HTTP only and this state reads as one
 object with its locks; it runs no SQL itself (db.py and jobs.py do).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -50,6 +58,78 @@ Names = tuple[str | None, str | None, str | None]
 
 class ModelUnavailable(RuntimeError):
     """No model is loaded, so nothing can be scored."""
+
+
+@dataclass(frozen=True)
+class PreloadedModel:
+    """The outcome of loading the model in the gunicorn master: the recommender or the reason
+    there is none, for the checkpoint and index mode it was loaded with, by process ``pid``."""
+
+    model_path: Path
+    index: str
+    recommender: Scorer | None
+    error: str | None
+    pid: int
+    threads: int
+
+
+_preloaded: PreloadedModel | None = None
+
+
+def load_recommender(settings: Settings) -> tuple[Scorer | None, str | None]:
+    """The recommender of the checkpoint at MODEL_PATH (weights_only, through the Recommender),
+    or None and the reason it could not be loaded (logged); never raises."""
+    path = settings.model_path
+    if not path.is_file():
+        error = f"model not loaded: no checkpoint at MODEL_PATH ({path})"
+        log.warning(error)
+        return None, error
+    try:
+        from recommender import Recommender
+
+        return Recommender.from_checkpoint(path, index=settings.recommender_index), None
+    except Exception as failure:
+        from checkpoint import CheckpointError
+
+        error = f"model not loaded: {one_line(failure)}"
+        log.error("%s", error, exc_info=not isinstance(failure, CheckpointError))
+        return None, error
+
+
+def preload_model(settings: Settings) -> None:
+    """Load the model in this process for every service built in its forked children.
+
+    Meant for the gunicorn master, before it forks. Torch (and faiss through it) runs on one
+    thread during the load, so no OpenMP thread pool exists yet to be lost in the fork; each
+    worker sets its thread count back in ``after_fork``. The objects made so far are moved
+    out of the garbage collector's reach (``gc.freeze``) so that collections in the workers
+    do not write to, and so copy, the pages they share. A failed load is remembered with its
+    reason, which the workers then report on /ready.
+    """
+    global _preloaded
+    import torch
+
+    threads = _preloaded.threads if _preloaded is not None else torch.get_num_threads()
+    torch.set_num_threads(1)
+    _preloaded = None
+    started = time.perf_counter()
+    recommender, error = load_recommender(settings)
+    _preloaded = PreloadedModel(settings.model_path, settings.recommender_index, recommender,
+                                error, os.getpid(), threads)
+    if recommender is not None:
+        log.info("loaded model %s in %.1f s before forking the workers (pid %d)",
+                 recommender.model_version, time.perf_counter() - started, os.getpid())
+    gc.collect()
+    gc.freeze()
+
+
+def after_fork() -> None:
+    """In a worker forked from a master that preloaded the model: torch's thread count back to
+    what it was before the load (TORCH_THREADS, when set, is applied later by create_app)."""
+    if _preloaded is not None:
+        import torch
+
+        torch.set_num_threads(_preloaded.threads)
 
 
 @dataclass(frozen=True)
@@ -106,6 +186,15 @@ class RecommendationService:
         self._catalog_lock = threading.Lock()
         self._model_tried = False
         self._deadlines_installed = False
+        preloaded = _preloaded
+        if recommender is None and preloaded is not None and (
+                preloaded.model_path, preloaded.index) == (settings.model_path,
+                                                           settings.recommender_index):
+            recommender, self.model_error = preloaded.recommender, preloaded.error
+            self._model_tried = True
+            if recommender is not None:
+                log.info("serving model %s loaded before the fork by process %d (pid %d)",
+                         recommender.model_version, preloaded.pid, os.getpid())
         if recommender is not None:
             self._serve(recommender)
             self._model_tried = True
@@ -124,7 +213,7 @@ class RecommendationService:
         with self._model_lock:
             if self._model_tried:
                 return
-            recommender = self._load_model()
+            recommender, self.model_error = load_recommender(self.settings)
             if recommender is not None:
                 self._serve(recommender)
             self._model_tried = True
@@ -134,24 +223,6 @@ class RecommendationService:
         MODEL_INFO.labels(recommender.model_version).set(1)
         self.workers = QueueWorkers(self.settings, self.database, recommender)
         self.recommender = recommender
-
-    def _load_model(self) -> Scorer | None:
-        """Load the checkpoint at MODEL_PATH (weights_only, through the Recommender)."""
-        path = self.settings.model_path
-        if not path.is_file():
-            self.model_error = f"model not loaded: no checkpoint at MODEL_PATH ({path})"
-            log.warning(self.model_error)
-            return None
-        try:
-            from recommender import Recommender
-
-            return Recommender.from_checkpoint(path, index=self.settings.recommender_index)
-        except Exception as error:
-            from checkpoint import CheckpointError
-
-            self.model_error = f"model not loaded: {one_line(error)}"
-            log.error("%s", self.model_error, exc_info=not isinstance(error, CheckpointError))
-            return None
 
     def require_model(self) -> Scorer:
         """The recommender (loaded on first need), or ModelUnavailable with the reason."""
