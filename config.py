@@ -32,6 +32,7 @@ SPLIT_PROTOCOLS = ("playlist", "leave_one_out")
 POSITIONAL_ENCODINGS = ("learned", "sinusoidal")
 DEVICES = ("auto", "cpu", "cuda")
 LOSSES = ("full", "sampled")
+OBJECTIVES = ("cloze", "causal")
 
 # The local server's postgres database, used wherever DATABASE_URL is not set.
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -61,6 +62,8 @@ class ModelConfig:
 
     ``side_pointer`` adds copy scores to the head: attention from the predicted position over
     the sequence's songs, summed per artist and per album of each candidate song.
+    ``objective``: ``cloze`` (BERT4Rec: bidirectional, masked songs predicted) or ``causal``
+    (SASRec: causal attention, the next song predicted at every position).
     """
 
     d_song: int = 64
@@ -74,6 +77,7 @@ class ModelConfig:
     tie_head: bool = True
     side_features: bool = True
     side_pointer: bool = False
+    objective: str = "cloze"
 
     @property
     def d_model(self) -> int:
@@ -295,6 +299,8 @@ def validate(config: Config) -> None:
     _check(0 <= model.dropout < 1, "model.dropout", "must be in [0, 1)")
     _check(model.positional in POSITIONAL_ENCODINGS, "model.positional",
            f"must be one of {', '.join(POSITIONAL_ENCODINGS)}")
+    _check(model.objective in OBJECTIVES, "model.objective",
+           f"must be one of {', '.join(OBJECTIVES)}")
     for name in ("batch_size", "eval_batch_size", "epochs", "patience", "log_every"):
         _check(getattr(train, name) >= 1, f"train.{name}", "must be positive")
     _check(train.lr > 0, "train.lr", "must be positive")

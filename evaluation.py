@@ -168,12 +168,12 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
 
 
 def model_scorer(model: BERT4Rec, seq_len: int, device: torch.device) -> ScoreFunction:
-    """Scores of the model at a [MASK] appended after each sequence's latest window."""
+    """Scores of the model after each sequence's latest window ([MASK] appended under cloze)."""
 
     matrix = model.scoring_matrix()
 
     def score(eval_set: EvalSet, rows: np.ndarray) -> torch.Tensor:
-        tokens = eval_tokens(eval_set, rows, seq_len).to(device)
+        tokens = eval_tokens(eval_set, rows, seq_len, model.causal).to(device)
         with torch.no_grad(), autocast(device):
             return model.predict_last(tokens, matrix).float().cpu()
 

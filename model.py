@@ -7,7 +7,9 @@ album, artist or features.
 
 Positions are aligned to the right: the last column of the input is always position
 ``seq_len - 1``, so a shorter input (fewer columns) or extra left padding does not change the
-result. Callers put the playlist's latest songs at the end, with [MASK] last when predicting.
+result. Callers put the playlist's latest songs at the end, with [MASK] last when predicting
+under the cloze objective; under the causal one (SASRec's: each position attends to itself and
+earlier positions and predicts the next song) the last song's own position is read.
 
 Output head: with ``tie_head`` the hidden state is projected to the song embedding's width
 (``d_song`` with side features, ``d_model`` without) and scored against one vector per song:
@@ -21,18 +23,15 @@ and sound, and the inference matrix-vector product is only ``d_song`` wide. With
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from config import ModelConfig
+from fused_softmax import LinearCrossEntropy
 from preprocessing_utils import FIRST_SONG_INDEX, MASK_INDEX, PAD_INDEX
 from sampled_softmax import NegativeSampler, SparseRows, sampled_cross_entropy
-
-# logits per block of the fused loss (1 MB of float32, so a block stays in a core's L2 cache)
-BLOCK_LOGITS = 1 << 18
 
 
 class SelfAttention(nn.Module):
@@ -50,14 +49,16 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         """Attend from every position (or only the last) to the non-padding positions.
 
-        ``attend`` is (B, 1, 1, L), True where a position may be attended, or None when no
-        input has padding; the result is (B, L, d_model), or (B, 1, d_model) with
-        ``last_only``, which inference uses since only the predicted position is read.
+        ``attend`` is (B, 1, 1, L) or, causal, (B, 1, L, L), True where a position may be
+        attended, or None when no input has padding; the result is (B, L, d_model), or
+        (B, 1, d_model) with ``last_only``, which inference uses since only the predicted
+        position is read.
         """
         batch, width = x.shape[0], x.shape[2]
         q, k, v = self.qkv(x).split(width, dim=2)
         if last_only:
             q = q[:, -1:]
+            attend = attend if attend is None else attend[:, :, -1:]
         head_width = width // self.n_heads
         q, k, v = (t.reshape(batch, -1, self.n_heads, head_width).transpose(1, 2)
                    for t in (q, k, v))
@@ -91,74 +92,6 @@ class Block(nn.Module):
         return x + self.dropout(self.feed_forward(self.feed_forward_norm(x)))
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of ``x @ weight.T + bias`` against ``targets``, fused for the CPU.
-
-    Same value and gradients as ``F.cross_entropy`` on the logits, but the (rows x 116k)
-    logits never exist whole: the forward pass keeps a running log-sum-exp per row over
-    chunks of ``chunk`` songs (by default about ``BLOCK_LOGITS`` logits per chunk), and the
-    backward pass recomputes each chunk's logits and turns them into the softmax gradient
-    while the chunk is still in cache. One extra matrix product buys the removal of every
-    pass over a tensor that fits no cache, which on a CPU costs more than the arithmetic.
-    Single backward only.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-        targets: torch.Tensor, extra: torch.Tensor | None = None, chunk: int | None = None,
-    ) -> torch.Tensor:
-        """Loss from the chunked log-sum-exp and the target logits (plus ``extra`` logits)."""
-        chunk = chunk or max(256, BLOCK_LOGITS // max(1, len(targets)))
-        log_total = torch.full((len(targets),), float("-inf"), dtype=x.dtype, device=x.device)
-        for start in range(0, len(weight), chunk):
-            logits = _chunk_logits(x, weight, bias, extra, start, chunk)
-            log_total = torch.logaddexp(log_total, logits.logsumexp(dim=1))
-        target_logit = torch.einsum("md,md->m", x, weight[targets]) + bias[targets]
-        if extra is not None:
-            target_logit = target_logit + extra.gather(1, targets[:, None]).squeeze(1)
-        ctx.chunk = chunk
-        ctx.save_for_backward(x, weight, bias, extra, log_total, targets)
-        return (log_total - target_logit).mean()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        """Gradients from softmax minus one-hot, scaled by grad / n, one chunk at a time."""
-        x, weight, bias, extra, log_total, targets = ctx.saved_tensors
-        scale = grad / len(targets)
-        grad_x = torch.zeros_like(x)
-        grad_weight = torch.empty_like(weight)
-        grad_bias = torch.empty_like(bias)
-        needs_extra = extra is not None and ctx.needs_input_grad[4]
-        grad_extra = torch.empty_like(extra) if needs_extra else None
-        rows = torch.arange(len(targets), device=targets.device)
-        for start in range(0, len(weight), ctx.chunk):
-            logits = _chunk_logits(x, weight, bias, extra, start, ctx.chunk)
-            probabilities = logits.sub_(log_total[:, None]).exp_()
-            hit = (targets >= start) & (targets < start + ctx.chunk)
-            probabilities[rows[hit], targets[hit] - start] -= 1.0
-            probabilities.mul_(scale)
-            stop = start + len(probabilities[0])
-            grad_x.addmm_(probabilities, weight[start:stop])
-            torch.mm(probabilities.T, x, out=grad_weight[start:stop])
-            torch.sum(probabilities, dim=0, out=grad_bias[start:stop])
-            if grad_extra is not None:
-                grad_extra[:, start:stop] = probabilities
-        return grad_x, grad_weight, grad_bias, None, grad_extra, None
-
-
-def _chunk_logits(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, extra: torch.Tensor | None,
-    start: int, chunk: int,
-) -> torch.Tensor:
-    """Logits of songs ``start .. start + chunk`` (rows x chunk), plus ``extra`` if given."""
-    stop = start + chunk
-    logits = torch.addmm(bias[start:stop], x, weight[start:stop].T)
-    if extra is not None:
-        logits.add_(extra[:, start:stop])
-    return logits
-
-
 def _sums_at(
     groups: torch.Tensor, weights: torch.Tensor, queries: torch.Tensor, n_groups: int
 ) -> torch.Tensor:
@@ -176,6 +109,18 @@ def _sums_at(
     return torch.where(keys[where] == wanted, sums[where], 0.0)
 
 
+def causal_mask(padding: torch.Tensor) -> torch.Tensor:
+    """Attention mask (B, 1, L, L): query i sees non-padding keys j <= i, and always itself.
+
+    Seeing itself keeps a padding query from having no key at all (NaN in the softmax); a real
+    position's own key is real, so it changes nothing there.
+    """
+    length = padding.shape[1]
+    earlier = torch.ones(length, length, dtype=torch.bool, device=padding.device).tril()
+    itself = torch.eye(length, dtype=torch.bool, device=padding.device)
+    return (earlier & ~padding[:, None, None, :]) | itself
+
+
 def sinusoidal_table(length: int, width: int) -> torch.Tensor:
     """The fixed sine/cosine position table of "Attention is all you need", (length, width)."""
     position = torch.arange(length, dtype=torch.float32)[:, None]
@@ -187,7 +132,7 @@ def sinusoidal_table(length: int, width: int) -> torch.Tensor:
 
 
 class BERT4Rec(nn.Module):
-    """Bidirectional transformer over playlists; inputs are song token indices (B, L)."""
+    """Transformer over playlists, bidirectional (cloze) or causal; inputs: song indices (B, L)."""
 
     # buffers (register_buffer declares no attribute); the song tables exist with side features
     song_album: torch.Tensor
@@ -211,6 +156,7 @@ class BERT4Rec(nn.Module):
         config = model_config
         d_model = config.d_model
         self.seq_len = seq_len
+        self.causal = config.objective == "causal"
         self.n_song_tokens = n_song_tokens
         self.n_album_tokens = n_album_tokens
         self.n_artist_tokens = n_artist_tokens
@@ -338,6 +284,8 @@ class BERT4Rec(nn.Module):
             raise ValueError(f"input has {length} positions, the model takes {self.seq_len}")
         padding = tokens == PAD_INDEX
         attend = (~padding)[:, None, None, :] if padding.any() else None
+        if self.causal:
+            attend = causal_mask(padding)
         x = self.input_norm(self.embed(tokens)) + self.position_embedding[self.seq_len - length :]
         x = self.input_dropout(x)
         last_block = len(self.blocks) - 1
@@ -391,6 +339,7 @@ class BERT4Rec(nn.Module):
     def pointer_logits(
         self, hidden: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor,
         predicted: torch.Tensor, candidates: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Copy scores (M, n_song_tokens), or (M, C) at ``candidates`` (C,), of the side pointer.
 
@@ -400,9 +349,13 @@ class BERT4Rec(nn.Module):
         its album's share, each times a learned positive gate of the predicted position. A
         second attention over the same songs is summed onto each song's album successor (the
         next track), times a third gate. With ``candidates`` (the sampled loss) only those
-        columns are computed, without any (M, catalog) tensor.
+        columns are computed, without any (M, catalog) tensor. With ``positions`` (M,) (the
+        causal objective) each predicted position sees only the songs up to its own.
         """
         visible = tokens[rows] >= FIRST_SONG_INDEX
+        if positions is not None:
+            columns = torch.arange(tokens.shape[1], device=tokens.device)
+            visible = visible & (columns[None, :] <= positions[:, None])
         keys = self.pointer_key(hidden)[rows]
         songs = tokens[rows]
         gates = F.softplus(self.pointer_gate(predicted))
@@ -445,7 +398,9 @@ class BERT4Rec(nn.Module):
     def loss(
         self, tokens: torch.Tensor, labels: torch.Tensor, sampler: NegativeSampler | None = None
     ) -> torch.Tensor:
-        """Mean cross-entropy at the masked positions only; ``labels`` is 0 everywhere else.
+        """Mean cross-entropy at the positions with a label; ``labels`` is 0 everywhere else.
+
+        Cloze: the labels are the songs behind [MASK]; causal: each position's next song.
 
         Full softmax over the catalog, or with ``sampler`` the sampled softmax with logQ
         correction over the batch's targets and the sampler's negatives.
@@ -458,8 +413,8 @@ class BERT4Rec(nn.Module):
             return self._sampled_loss(encoded, tokens, masked, hidden, targets, sampler)
         extra = None
         if self.side_pointer:
-            rows = masked.nonzero()[:, 0]
-            extra = self.pointer_logits(encoded, tokens, rows, hidden)
+            rows, positions = self._labelled(masked)
+            extra = self.pointer_logits(encoded, tokens, rows, hidden, positions=positions)
         if hidden.is_cuda:
             logits = self.logits(hidden).float()
             return F.cross_entropy(logits if extra is None else logits + extra, targets)
@@ -475,9 +430,15 @@ class BERT4Rec(nn.Module):
         logits = torch.addmm(self.output_bias[songs], self.head_input(hidden),
                              self.candidate_vectors(songs).T)
         if self.side_pointer:
-            rows = masked.nonzero()[:, 0]
-            logits = logits.float() + self.pointer_logits(encoded, tokens, rows, hidden, songs)
+            rows, positions = self._labelled(masked)
+            logits = logits.float() + self.pointer_logits(encoded, tokens, rows, hidden, songs,
+                                                          positions)
         return sampled_cross_entropy(logits, songs, log_q, positive, targets)
+
+    def _labelled(self, masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows of the labelled positions, and (causal only) their columns for the pointer."""
+        where = masked.nonzero()
+        return where[:, 0], where[:, 1] if self.causal else None
 
     def candidate_vectors(self, songs: torch.Tensor) -> torch.Tensor:
         """Rows ``songs`` of ``song_vectors()`` (C, width), built for those songs only.

@@ -159,13 +159,14 @@ class Recommender:
         None for a sequence whose scores are not all finite (NaN or inf for some song); the
         -inf of [PAD], [MASK] and of excluded songs is set here, not the model's.
         """
-        seq_len = self.model.seq_len
-        width = min(max(len(tokens) for tokens in sequences), seq_len - 1) + 1
+        seq_len, masked = self.model.seq_len, not self.model.causal
+        width = min(max(len(tokens) for tokens in sequences), seq_len - masked) + masked
         batch = torch.full((len(sequences), width), PAD_INDEX, dtype=torch.long)
-        batch[:, -1] = MASK_INDEX
+        if masked:
+            batch[:, -1] = MASK_INDEX
         for row, tokens in enumerate(sequences):
-            window = tokens[-(width - 1) :]
-            batch[row, width - 1 - len(window) : width - 1] = torch.from_numpy(window)
+            window = tokens[-(width - masked) :]
+            batch[row, width - masked - len(window) : width - masked] = torch.from_numpy(window)
         if self.approximate is not None:
             for found in self.approximate.score(batch, sequences, k, exclude_seen):
                 yield None if found is None else (

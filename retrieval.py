@@ -222,7 +222,7 @@ class ApproximateScorer:
     ) -> list[tuple[np.ndarray, np.ndarray] | None]:
         """(song tokens, softmax probabilities) of each batch row's top-k, best first.
 
-        ``batch`` is the model's input (right-aligned, [MASK] last), ``sequences`` every
+        ``batch`` is the model's input (right-aligned, [MASK] last under cloze), ``sequences``
         playlist's song tokens (excluded when ``exclude_seen``). None for a row whose scores
         would not all be finite. The probabilities' normalizer is exact over the re-scored
         songs plus an estimate of the rest from TAIL_SAMPLE fixed songs; the ranking is exact

@@ -186,7 +186,8 @@ def prepare_run(config: Config) -> Run:
     torch.manual_seed(config.train.seed)
     model = build_model(config, encoders).to(device)
     batches = TrainBatches(split.train, config.data.seq_len, config.data.cloze_probability,
-                           config.train.batch_size, config.train.seed, (world.rank, world.size))
+                           config.train.batch_size, config.train.seed, (world.rank, world.size),
+                           causal=config.model.objective == "causal")
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, config.train.epochs * len(batches))
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best_ndcg": -1.0, "best_epoch": -1,

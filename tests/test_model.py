@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from config import ModelConfig
 from dataset import album_successors
-from model import BERT4Rec, LinearCrossEntropy
+from fused_softmax import LinearCrossEntropy
+from model import BERT4Rec
 from preprocessing_utils import FEATURE_NAMES, FIRST_SONG_INDEX, MASK_INDEX, PAD_INDEX
 
 N_SONGS, N_ALBUMS, N_ARTISTS, N_FEATURES, SEQ_LEN = 40, 9, 5, 21, 8
