@@ -1,13 +1,20 @@
 """Service benchmark on loopback: the synchronous endpoint's latency and throughput at 1, 4 and
 16 concurrent clients, and the queue path's jobs/s end to end (POST /recommend -> stored
-result), with gunicorn as `make serve` runs it, at the demo and the `full` vocabulary sizes.
+result), with gunicorn as `make serve` runs it, at the demo, the `full` (116,293 songs) and the
+Million Playlist (`mpd`, 2,262,292 songs) vocabulary sizes, and the memory of every process.
 
 Each size gets a random-weight checkpoint (speed does not depend on training), a throwaway
-database on DATABASE_URL's server with that catalog loaded, and its own gunicorn. The `full`
-catalog is synthetic: 116,293 songs, 22,152 albums, 12,561 artists, every song in a playlist.
+database on DATABASE_URL's server with that catalog loaded, and its own gunicorn. The `full` and
+`mpd` catalogs are synthetic: albums and artists in the original's proportion (22,152 and
+12,561 per 116,293 songs), every song in a playlist, encoders built directly (no preprocessing
+run). With an approximate index it is built here and saved beside the checkpoint, so the
+service reads it. Memory: RSS and PSS (/proc/PID/smaps_rollup, pages shared between processes
+counted in equal parts) of the master and of each worker, and the total PSS.
 
     python benchmarks/bench_service.py [--sizes demo,full] [--requests 400] [--jobs 1000]
     python benchmarks/bench_service.py --sizes full --soak 60   # 16 clients for 60 s as well
+    python benchmarks/bench_service.py --sizes mpd --index approximate
+    python benchmarks/bench_service.py --sizes full --score-all  # flask score-all as well
 
 The last line printed is one JSON object with every number.
 """
@@ -19,6 +26,7 @@ import http.client
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -44,10 +52,10 @@ if str(REPO_ROOT) not in sys.path:
 import checkpoint  # noqa: E402
 import db  # noqa: E402
 from config import DEMO_DATA_DIR, DEMO_ENCODERS_DIR, default_database_url, load_config  # noqa: E402
-from preprocessing_utils import Encoders  # noqa: E402
+from preprocessing_utils import FIRST_SONG_INDEX, NUMERIC_COLUMNS, Encoders  # noqa: E402
 from recommender import Recommender  # noqa: E402
 
-FULL_SIZES = {"songs": 116_293, "albums": 22_152, "artists": 12_561}
+SIZES = {"full": 116_293, "mpd": 2_262_292}
 PLAYLIST_LENGTH = 30
 SONG_COLUMNS = ("song_id", "name", "album_id", "artist_id", "explicit", "danceability", "energy",
                 "key", "loudness", "mode", "speechiness", "acousticness", "instrumentalness",
@@ -55,11 +63,13 @@ SONG_COLUMNS = ("song_id", "name", "album_id", "artist_id", "explicit", "danceab
                 "track_number")
 
 
-def write_full_catalog(folder: Path, seed: int = 0) -> Path:
-    """Synthetic CSV tables at the `full` sizes; every song occurs in some playlist."""
+def write_catalog(folder: Path, n_songs: int, seed: int = 0) -> tuple[Path, Encoders]:
+    """Synthetic CSV tables of ``n_songs`` songs (every one in some playlist) and encoders of
+    that catalog with random song features."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    n_songs, n_albums, n_artists = (FULL_SIZES[key] for key in ("songs", "albums", "artists"))
+    n_albums = max(1, round(n_songs * 22_152 / 116_293))
+    n_artists = max(1, round(n_songs * 12_561 / 116_293))
     artist_ids = 5_000 + np.arange(n_artists)
     album_ids = 200_000 + np.arange(n_albums)
     album_artist = rng.choice(artist_ids, n_albums)
@@ -93,18 +103,28 @@ def write_full_catalog(folder: Path, seed: int = 0) -> Path:
                   }).to_csv(folder / "playlists.csv", index=False)
     pd.DataFrame({"playlist_id": playlist_of, "pos": positions, "song_id": order}).to_csv(
         folder / "playlist_songs.csv", index=False)
-    return folder
+    special = np.zeros(FIRST_SONG_INDEX, dtype=np.int64)
+    features = rng.normal(size=(n_songs + FIRST_SONG_INDEX, 21)).astype(np.float32)
+    features[:FIRST_SONG_INDEX] = 0
+    numeric = len(NUMERIC_COLUMNS)
+    encoders = Encoders(song_ids, album_ids, artist_ids,
+                        np.concatenate([special, song_album - 200_000 + 1]),
+                        np.concatenate([special, album_artist[song_album - 200_000] - 5_000 + 1]),
+                        features, np.zeros(numeric), np.zeros(numeric), np.ones(numeric), True)
+    return folder, encoders
 
 
-def random_checkpoint(data_dir: Path, preset: str, work: Path, encoders: Path | None) -> Path:
-    """Fit (or reuse) encoders on ``data_dir`` and save an untrained model as a checkpoint."""
+def demo_encoders(work: Path) -> Encoders:
+    """The demo data's encoders, as preprocessing.py writes them with the bundled ones."""
     out = work / "prepared"
-    command = [sys.executable, "preprocessing.py", "--source", "csv", "--data", str(data_dir),
-               "--out", str(out)]
-    if encoders is not None:
-        command += ["--encoders", str(encoders)]
-    subprocess.run(command, cwd=REPO_ROOT, check=True, capture_output=True)
-    fitted = Encoders.load(out / "encoders")
+    subprocess.run([sys.executable, "preprocessing.py", "--source", "csv", "--data",
+                    str(DEMO_DATA_DIR), "--out", str(out), "--encoders", str(DEMO_ENCODERS_DIR)],
+                   cwd=REPO_ROOT, check=True, capture_output=True)
+    return Encoders.load(out / "encoders")
+
+
+def random_checkpoint(fitted: Encoders, preset: str, work: Path) -> Path:
+    """Save an untrained model of ``preset`` over ``fitted``'s catalog as a checkpoint."""
     config = load_config(preset)
     torch.manual_seed(0)
     model = checkpoint.build_model(config, fitted)
@@ -202,6 +222,20 @@ class Server:
             sizes.append(round(int(kilobytes) / 1024, 1))
         return sizes
 
+    def memory_mb(self) -> dict[str, Any]:
+        """RSS and PSS of the master and of each worker, and the PSS of all of them, in MB."""
+        def sizes(pid: int) -> dict[str, float]:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+            found = {line.split(":")[0]: int(line.split()[1]) for line in rollup[1:]}
+            return {"rss_mb": round(found["Rss"] / 1024, 1),
+                    "pss_mb": round(found["Pss"] / 1024, 1)}
+
+        pid = self.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        master, workers = sizes(pid), [sizes(int(child)) for child in children]
+        return {"master": master, "workers": workers, "total_pss_mb": round(
+            master["pss_mb"] + sum(worker["pss_mb"] for worker in workers), 1)}
+
     def stop(self) -> None:
         """SIGTERM the process group and wait."""
         os.killpg(self.process.pid, 15)
@@ -264,6 +298,7 @@ def soak(server: Server, bodies: list[dict], clients: int, seconds: float) -> di
     def client(offset: int) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         mine, index = [], offset
+        status: int | str
         while time.monotonic() < deadline:
             started = time.perf_counter()
             try:
@@ -327,16 +362,37 @@ def bench_async(port: int, database: ThrowawayDatabase, playlist_ids: list[int],
             "seconds": round(elapsed, 2), "jobs_per_s": round(len(playlist_ids) / elapsed, 1)}
 
 
+def score_all(env: dict[str, str]) -> dict[str, float]:
+    """``flask --app flask_app score-all``: wall seconds (model load included) and the
+    playlists/s of its scoring loop (tqdm's final rate)."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "flask", "--app", "flask_app", "score-all"],
+                          cwd=REPO_ROOT, env={**os.environ, **env}, check=True,
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    rates = re.findall(r"([\d.]+)(k?)playlist/s", done.stderr)
+    rate = float(rates[-1][0]) * (1000 if rates[-1][1] else 1) if rates else float("nan")
+    return {"seconds": round(seconds, 1), "playlists_per_s": rate}
+
+
 def run_size(size: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Build the checkpoint and database of one size, serve it, and measure both paths."""
     if size == "demo":
-        data_dir, encoders, preset = DEMO_DATA_DIR, DEMO_ENCODERS_DIR, "demo"
+        data_dir, fitted, preset = DEMO_DATA_DIR, demo_encoders(work), "demo"
     else:
-        data_dir, encoders, preset = write_full_catalog(work / "catalog"), None, "full"
-    model_path = random_checkpoint(data_dir, preset, work, encoders)
-    recommender = Recommender.from_checkpoint(model_path)
+        data_dir, fitted = write_catalog(work / "catalog", SIZES[size])
+        preset = "full"
+    model_path = random_checkpoint(fitted, preset, work)
+    del fitted
+    # with an approximate index this builds it (on every thread) and saves it for the service
+    started = time.perf_counter()
+    recommender = Recommender.from_checkpoint(model_path, index=args.index)
+    load = {"index": recommender.index_mode, "seconds": round(time.perf_counter() - started, 1)}
+    n_songs = recommender.n_songs
+    del recommender
     database = ThrowawayDatabase(args.database_url)
     server = None
+    scored = None
     try:
         db.init_database(database.dsn)
         with db.connected(database.dsn) as connection:
@@ -347,33 +403,49 @@ def run_size(size: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         bodies = [{"song_ids": rows[index][1][-args.sequence_length:], "k": 10,
                    "exclude_seen": True}
                   for index in rng.integers(0, len(rows), args.requests)]
-        server = Server({"DATABASE_URL": database.dsn, "MODEL_PATH": str(model_path),
-                         "WORKERS": str(args.workers), "THREADS": str(args.threads),
-                         "JOB_THREADS": str(args.job_threads),
-                         "JOB_BATCH_SIZE": str(args.job_batch_size),
-                         "TORCH_THREADS": str(args.torch_threads), "API_TOKEN": "",
-                         "CATALOG_DIR": "", "LOG_LEVEL": "warning"}, work / "gunicorn.log")
+        env = {"DATABASE_URL": database.dsn, "MODEL_PATH": str(model_path),
+               "RECOMMENDER_INDEX": args.index, "WORKERS": str(args.workers),
+               "THREADS": str(args.threads), "JOB_THREADS": str(args.job_threads),
+               "JOB_BATCH_SIZE": str(args.job_batch_size),
+               "TORCH_THREADS": str(args.torch_threads), "API_TOKEN": "", "CATALOG_DIR": "",
+               "LOG_LEVEL": "warning"}
+        started = time.perf_counter()
+        server = Server(env, work / "gunicorn.log")
+        ready_seconds = round(time.perf_counter() - started, 1)
         bench_sync(server.port, bodies[: min(50, len(bodies))], 1)
+        memory = {"ready_seconds": ready_seconds, "after_warmup": server.memory_mb()}
         sync = {str(clients): bench_sync(server.port, bodies, clients)
                 for clients in args.clients}
         soaked = soak(server, bodies, 16, args.soak) if args.soak else None
         jobs = [row[0] for row in rows[: args.jobs]]
         bench_async(server.port, database, jobs[: min(100, len(jobs))], 10)
         queue = bench_async(server.port, database, jobs, 10)
+        memory["after_load"] = server.memory_mb()
+        server.stop()
+        server = None
+        if args.score_all:
+            scored = score_all(env)
     finally:
         if server is not None:
             server.stop()
         database.drop()
-    result = {"songs": recommender.n_songs, "preset": preset, "sync": sync, "async": queue}
+    result = {"songs": n_songs, "preset": preset, "load": load, "sync": sync, "async": queue,
+              "memory": memory}
     if soaked is not None:
         result["soak"] = soaked
+    if scored is not None:
+        result["score_all"] = scored
     return result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="demo,full", help="comma list of demo, full")
+    parser.add_argument("--sizes", default="demo,full", help="comma list of demo, full, mpd")
+    parser.add_argument("--index", default="auto", choices=("exact", "approximate", "auto"),
+                        help="RECOMMENDER_INDEX of the service")
+    parser.add_argument("--score-all", action="store_true",
+                        help="also time `flask score-all` over every playlist")
     parser.add_argument("--requests", type=int, default=400, help="sync requests per level")
     parser.add_argument("--clients", default="1,4,16", help="comma list of client counts")
     parser.add_argument("--jobs", type=int, default=1000, help="jobs in the async run")
@@ -391,7 +463,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.sizes = [size for size in args.sizes.split(",") if size]
     args.clients = [int(count) for count in args.clients.split(",") if count]
-    unknown = set(args.sizes) - {"demo", "full"}
+    unknown = set(args.sizes) - {"demo", *SIZES}
     if unknown:
         parser.error(f"--sizes: unknown size {sorted(unknown)[0]!r}")
     if not 0 <= args.soak <= 3600:
@@ -409,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
                     "python": platform.python_version(), "torch": torch.__version__},
         "settings": {"workers": args.workers, "threads": args.threads,
                      "job_threads": args.job_threads, "job_batch_size": args.job_batch_size,
-                     "torch_threads": args.torch_threads,
+                     "torch_threads": args.torch_threads, "index": args.index,
                      "sequence_length": args.sequence_length},
     }
     with tempfile.TemporaryDirectory(prefix="b4mr-bench-service-") as folder:
