@@ -183,9 +183,10 @@ def build_sequences(
         np.zeros(0, dtype=np.int64))
     del same_playlist
     lengths = np.diff(np.append(starts, rows))
-    expected = np.arange(rows) - np.repeat(starts, lengths)
-    renumbered = len(np.unique(playlist_ids[positions != expected]))
-    del expected, lengths
+    # positions rise strictly within a playlist here, so they are 0..n-1 exactly when the
+    # first is 0 and the last n-1: a check per playlist, not per row
+    renumbered = int(((positions[starts] != 0) | (positions[starts + lengths - 1] != lengths - 1))
+                     .sum()) if rows else 0
 
     fitted = encoders is None
     if encoders is None:
