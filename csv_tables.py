@@ -31,6 +31,8 @@ UTF8_BOM = b"\xef\xbb\xbf"
 SCAN_CHUNK_BYTES = 1 << 24
 # rows per piece when reading playlist_songs.csv (~100 MB of parser memory at a time)
 DEFAULT_CHUNK_ROWS = 1_000_000
+# songs.csv rows parsed at a time: its cells are read as strings (~20 per row)
+SONG_CHUNK_ROWS = 100_000
 BIGINT = (-(2**63), 2**63 - 1)
 # playlist_songs.pos is `integer NOT NULL CHECK (pos >= 0)` in sql/schema.sql
 POSITION_RANGE = (0, 2**31 - 1)
@@ -426,16 +428,25 @@ class _PlaylistRows:
         return self.playlist_ids[:end], self.positions[:end], self.song_ids[:end]
 
 
-def read_csv_songs(path: Path) -> pd.DataFrame:
-    """The songs catalog of a songs.csv file, validated (see preprocessing_utils.check_songs)."""
-    frame, lines = _read_csv_strings(path, SONG_COLUMNS)
-    songs = pd.DataFrame({
-        column: _parse_column(frame, column, path.name, lines,
-                              integer=column in ("song_id", "album_id", "artist_id",
-                                                 *INTEGER_FEATURES),
-                              required=column == "song_id")
-        for column in SONG_COLUMNS
-    })
+def read_csv_songs(path: Path, chunk_rows: int = SONG_CHUNK_ROWS) -> pd.DataFrame:
+    """The songs catalog of a songs.csv file, validated (see preprocessing_utils.check_songs).
+
+    The cells are read as strings ``chunk_rows`` rows at a time and parsed piece by piece, so
+    a Million-Playlist catalog (2.26M songs) never holds all its cells as Python strings.
+    """
+    header, layout = _open_csv(path, SONG_COLUMNS)
+    pieces, line_pieces = [], []
+    for frame, lines in _string_chunks(path, header, layout, list(SONG_COLUMNS), chunk_rows):
+        pieces.append(pd.DataFrame({
+            column: _parse_column(frame, column, path.name, lines,
+                                  integer=column in ("song_id", "album_id", "artist_id",
+                                                     *INTEGER_FEATURES),
+                                  required=column == "song_id")
+            for column in SONG_COLUMNS
+        }))
+        line_pieces.append(lines)
+    songs = pd.concat(pieces, ignore_index=True) if len(pieces) > 1 else pieces[0]
+    lines = np.concatenate(line_pieces)
     songs["song_id"] = songs["song_id"].to_numpy(dtype=np.int64)
     for column in RAW_FEATURE_FIELDS:
         songs[column] = songs[column].to_numpy(dtype=np.float64, na_value=np.nan)

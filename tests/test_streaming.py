@@ -12,11 +12,12 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import db
 import preprocessing
-from csv_tables import read_csv_playlists
+from csv_tables import read_csv_playlists, read_csv_songs
 from preprocessing_utils import DataError, load_training_file, read_npz
 
 GENERATOR = Path(__file__).resolve().parents[1] / "demo data" / "generate.py"
@@ -102,6 +103,12 @@ def test_rows_out_of_order_across_chunks_give_the_same_files(
     (shuffled / "playlist_songs.csv").write_text(header + "".join(rows[i] for i in order))
     preprocessing.preprocess("csv", tmp_path / "out", data_dir=shuffled, chunk_rows=1000)
     assert output_bytes(tmp_path / "out") == output_bytes(reference)
+
+
+def test_songs_read_in_pieces_equal_songs_read_whole(tables: Path) -> None:
+    whole = read_csv_songs(tables / "songs.csv", chunk_rows=10**9)
+    pd.testing.assert_frame_equal(read_csv_songs(tables / "songs.csv", chunk_rows=333), whole)
+    assert len(whole) > 333
 
 
 @pytest.mark.parametrize("bad", ["", "x", "1.5", "99999999999999999999"])
