@@ -144,3 +144,21 @@ def module_pg_dsn(pg_server: str) -> Iterator[str]:
         yield dsn
     finally:
         drop_database(pg_server, dsn)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one-epoch tiny model of the service tests, trained once per run on the demo data."""
+    from service_support import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.getbasetemp() / "service-model")
+
+
+@pytest.fixture(scope="module")
+def demo_dsn(module_pg_dsn: str) -> str:
+    """A database of one test module holding the schema, the service function and the demo
+    tables."""
+    from service_support import prepare_database
+
+    prepare_database(module_pg_dsn)
+    return module_pg_dsn

@@ -132,6 +132,20 @@ def http_json(port: int, method: str, path: str, body: Any = None,
         connection.close()
 
 
+def raw_exchange(port: int, data: bytes) -> tuple[str, str, str]:
+    """Send raw bytes; (status line, content type, body) of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    content_type = next((line.split(":", 1)[1].strip() for line in lines
+                         if line.lower().startswith("content-type:")), "")
+    return lines[0], content_type, body.decode("utf-8", "replace")
+
+
 class ServiceProcess:
     """The service under gunicorn in its own process group, as `make serve` runs it."""
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from service_support import free_port, raw_exchange
 
 from http_worker import request_complete
 
@@ -36,13 +37,6 @@ threads = {threads}
 keepalive = 5
 bind = "127.0.0.1:{port}"
 '''
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -81,20 +75,6 @@ def get(port: int, path: str, body: bytes | None = None) -> tuple[int, dict]:
     result = response.status, json.loads(response.read())
     client.close()
     return result
-
-
-def raw(port: int, data: bytes) -> tuple[str, str, dict]:
-    """Send raw bytes; return the status line, the content type and the JSON body."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(data)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    content_type = next(line.split(":", 1)[1].strip() for line in lines
-                        if line.lower().startswith("content-type:"))
-    return lines[0], content_type, json.loads(body)
 
 
 def test_half_sent_requests_hold_no_thread(server: int) -> None:
@@ -145,7 +125,8 @@ def test_a_body_sent_in_pieces_and_keep_alive_both_work(server: int) -> None:
 ])
 def test_gunicorn_protocol_errors_answer_json(server: int, request_bytes: bytes,
                                               status: str) -> None:
-    status_line, content_type, body = raw(server, request_bytes)
+    status_line, content_type, text = raw_exchange(server, request_bytes)
+    body = json.loads(text)
     assert status_line.split()[1] == status
     assert content_type == "application/json"
     assert isinstance(body["error"], str) and body["error"]

@@ -20,9 +20,7 @@ from service_support import (
     demo_playlist_ids,
     execute,
     free_port,
-    prepare_database,
     reset_queue,
-    tiny_checkpoint,
     wait_until,
 )
 
@@ -39,24 +37,11 @@ REAL_MODEL = object()
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A one-epoch tiny model trained on the demo data."""
-    return tiny_checkpoint(tmp_path_factory.getbasetemp() / "service-model")
-
-
-@pytest.fixture(scope="module")
 def recommender(checkpoint: Path):
     """The real Recommender loaded from the tiny checkpoint."""
     from recommender import Recommender
 
     return Recommender.from_checkpoint(checkpoint)
-
-
-@pytest.fixture(scope="module")
-def demo_dsn(module_pg_dsn: str) -> str:
-    """A database holding the schema, the service function and the demo tables."""
-    prepare_database(module_pg_dsn)
-    return module_pg_dsn
 
 
 def settings_for(dsn: str, checkpoint: Path, **changes) -> Settings:

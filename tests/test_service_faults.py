@@ -23,8 +23,8 @@ from service_support import (
     execute,
     http_json,
     prepare_database,
+    raw_exchange,
     reset_queue,
-    tiny_checkpoint,
     wait_until,
 )
 
@@ -35,19 +35,6 @@ from workers import QueueWorkers
 
 STATEMENT_SECONDS = 3.0
 READ_SECONDS = 2.0
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A one-epoch tiny model trained on the demo data."""
-    return tiny_checkpoint(tmp_path_factory.getbasetemp() / "service-model")
-
-
-@pytest.fixture(scope="module")
-def demo_dsn(module_pg_dsn: str) -> str:
-    """A database holding the schema, the service function and the demo tables."""
-    prepare_database(module_pg_dsn)
-    return module_pg_dsn
 
 
 @pytest.fixture
@@ -148,20 +135,6 @@ def test_frozen_database_answers_503_in_time_and_recovers(services, demo_dsn: st
 
 
 # -- F3, F12, F16: slow clients, gunicorn's errors, the metrics folder --------------------------
-
-
-def raw_exchange(port: int, data: bytes) -> tuple[str, str, str]:
-    """Send raw bytes; (status line, content type, body) of the answer."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(data)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    content_type = next((line.split(":", 1)[1].strip() for line in lines
-                         if line.lower().startswith("content-type:")), "")
-    return lines[0], content_type, body.decode("utf-8", "replace")
 
 
 @pytest.mark.slow

@@ -10,13 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from service_support import DEMO_DATA, REPO_ROOT, tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A one-epoch tiny model trained on the demo data."""
-    return tiny_checkpoint(tmp_path_factory.getbasetemp() / "service-model")
+from service_support import DEMO_DATA, REPO_ROOT
 
 
 def run_python(code: str) -> Any:

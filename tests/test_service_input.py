@@ -21,9 +21,7 @@ from service_support import (
     demo_playlist_ids,
     execute,
     free_port,
-    prepare_database,
     reset_queue,
-    tiny_checkpoint,
 )
 
 import flask_app
@@ -35,19 +33,6 @@ from flask_app import create_app
 TOKEN = "s3cret-token"
 AUTHORIZED = {"Authorization": f"Bearer {TOKEN}"}
 PATH_PATTERN = "^(0|[1-9][0-9]{0,18})$"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The one-epoch tiny model the service tests share."""
-    return tiny_checkpoint(tmp_path_factory.getbasetemp() / "service-model")
-
-
-@pytest.fixture(scope="module")
-def demo_dsn(module_pg_dsn: str) -> str:
-    """Schema, service function and demo tables."""
-    prepare_database(module_pg_dsn)
-    return module_pg_dsn
 
 
 @pytest.fixture

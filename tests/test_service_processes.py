@@ -13,26 +13,11 @@ from service_support import (
     TcpProxy,
     demo_playlist_ids,
     execute,
-    prepare_database,
     reset_queue,
-    tiny_checkpoint,
     wait_until,
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A one-epoch tiny model trained on the demo data."""
-    return tiny_checkpoint(tmp_path_factory.getbasetemp() / "service-model")
-
-
-@pytest.fixture(scope="module")
-def demo_dsn(module_pg_dsn: str) -> str:
-    """A database holding the schema, the service function and the demo tables."""
-    prepare_database(module_pg_dsn)
-    return module_pg_dsn
 
 
 @pytest.fixture
