@@ -32,6 +32,7 @@ SPLIT_PROTOCOLS = ("playlist", "leave_one_out")
 POSITIONAL_ENCODINGS = ("learned", "sinusoidal")
 DEVICES = ("auto", "cpu", "cuda")
 LOSSES = ("full", "sampled")
+SCHEDULES = ("plateau", "cosine")
 OBJECTIVES = ("cloze", "causal")
 
 # The local server's postgres database, used wherever DATABASE_URL is not set.
@@ -92,6 +93,10 @@ class TrainConfig:
     ``loss``: ``full`` softmax over the catalog, or ``sampled`` softmax with logQ correction
     over the batch's targets plus ``negatives`` songs drawn from (count + 1)^``sampling_alpha``
     (0: uniform); evaluation ranks the full catalog either way.
+    ``schedule`` (schedule.py): ``plateau`` warms up over ``warmup_steps``, then halves the
+    rate after ``patience`` validations without a better NDCG@10 and stops after ``halvings``
+    such halvings in a row; ``cosine`` decays over ``epochs`` and stops after ``patience``.
+    ``epochs`` and ``max_minutes`` (0: no limit) end any run; best.pt keeps its best epoch.
     """
 
     batch_size: int = 128
@@ -99,7 +104,11 @@ class TrainConfig:
     epochs: int = 50
     lr: float = 1e-3
     weight_decay: float = 0.01
+    schedule: str = "cosine"
     warmup_share: float = 0.05
+    warmup_steps: int = 100
+    halvings: int = 2
+    max_minutes: float = 0.0
     grad_clip: float = 1.0
     patience: int = 5
     num_workers: int = 0
@@ -306,6 +315,11 @@ def validate(config: Config) -> None:
     _check(train.lr > 0, "train.lr", "must be positive")
     _check(train.weight_decay >= 0, "train.weight_decay", "must not be negative")
     _check(0 <= train.warmup_share < 1, "train.warmup_share", "must be in [0, 1)")
+    _check(train.schedule in SCHEDULES, "train.schedule", f"must be one of {', '.join(SCHEDULES)}")
+    _check(train.warmup_steps >= 0, "train.warmup_steps", "must not be negative")
+    _check(train.halvings >= 0, "train.halvings", "must not be negative")
+    _check(math.isfinite(train.max_minutes) and train.max_minutes >= 0, "train.max_minutes",
+           "must be finite and not negative (0: no limit)")
     _check(train.grad_clip >= 0, "train.grad_clip", "must not be negative (0 disables clipping)")
     _check(train.num_workers >= 0, "train.num_workers", "must not be negative")
     _check(train.threads >= 0, "train.threads", "must not be negative (0 keeps torch's default)")

@@ -1,4 +1,4 @@
-"""Training of Bert4MusicRec: optimizer, schedule, the training loop and the command line.
+"""Training of Bert4MusicRec: optimizer, the training loop and the command line.
 
     python train.py --preset demo|full --data DIR [--run-dir DIR] [--config FILE]
                     [--set section.key=value ...] [--resume] [--seed N] [--threads N]
@@ -63,6 +63,7 @@ from preprocessing_utils import DataError, Encoders
 from recommender import NonFiniteScores, Recommender
 from sample import print_recommendations, read_sequence_csv, run_evaluate
 from sampled_softmax import NegativeSampler
+from schedule import Schedule
 
 # ----------------------------------------------------------------------------- building blocks
 
@@ -97,21 +98,6 @@ def make_optimizer(model: BERT4Rec, config: Config) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=config.train.lr, fused=True)
 
 
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, config: Config, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup over ``warmup_share`` of the steps, then cosine decay to 10 %."""
-    warmup = max(1, round(config.train.warmup_share * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Add one JSON record as a line of ``path``."""
     with open(path, "a", encoding="utf-8") as file:
@@ -125,10 +111,11 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
 class Run:
     """What one training call works with: data, network, optimizer and progress so far.
 
-    ``state`` is the progress (epoch, step, best validation NDCG@10, patience, run name) that a
-    checkpoint stores and a resumed call continues from. ``network`` is what a training step
-    calls: the model itself, or its DistributedDataParallel wrapper under torchrun;
-    ``sampler`` draws the negatives of the sampled loss (None: full softmax).
+    ``state`` is the progress (epoch, step, best validation NDCG@10, seconds spent, why it
+    stopped, run name) that a checkpoint stores and a resumed call continues from.
+    ``network`` is what a training step calls: the model itself, or its DistributedDataParallel
+    wrapper under torchrun; ``sampler`` draws the negatives of the sampled loss (None: full
+    softmax).
     """
 
     config: Config
@@ -140,7 +127,7 @@ class Run:
     model: BERT4Rec
     batches: TrainBatches
     optimizer: torch.optim.AdamW
-    scheduler: torch.optim.lr_scheduler.LambdaLR
+    schedule: Schedule
     state: dict[str, Any]
     world: World
     network: nn.Module
@@ -153,8 +140,14 @@ class Run:
 
     @property
     def done(self) -> bool:
-        """True once early stopping fired or every epoch ran."""
+        """True once early stopping or the time limit fired, or every epoch ran."""
         return bool(self.state["stopped"]) or self.state["epoch"] >= self.config.train.epochs
+
+    @property
+    def out_of_time(self) -> bool:
+        """True once training and validation (over resumed calls too) used train.max_minutes."""
+        limit = self.config.train.max_minutes
+        return limit > 0 and self.state["seconds"] >= 60 * limit
 
 
 @dataclass
@@ -189,9 +182,9 @@ def prepare_run(config: Config) -> Run:
                            config.train.batch_size, config.train.seed, (world.rank, world.size),
                            causal=config.model.objective == "causal")
     optimizer = make_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, config, config.train.epochs * len(batches))
+    schedule = Schedule(optimizer, config.train, len(batches))
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best_ndcg": -1.0, "best_epoch": -1,
-                             "bad_epochs": 0, "stopped": False,
+                             "seconds": 0.0, "stopped": False, "stop_reason": "",
                              "run_name": datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")}
     popularity = torch.from_numpy(split.popularity(encoders.n_song_tokens))
     sampler = None
@@ -199,7 +192,7 @@ def prepare_run(config: Config) -> Run:
         sampler = NegativeSampler(popularity, config.train.negatives,
                                   config.train.sampling_alpha).to(device)
     return Run(config, device, run_dir, encoders, split, popularity, model, batches, optimizer,
-               scheduler, state, world, model, sampler)
+               schedule, state, world, model, sampler)
 
 
 def resume_run(run: Run) -> None:
@@ -215,7 +208,7 @@ def resume_run(run: Run) -> None:
     check_shapes(checkpoint["model"], run.model.state_dict(), path)
     run.model.load_state_dict(checkpoint["model"])
     run.optimizer.load_state_dict(checkpoint["optimizer"])
-    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    run.schedule.load_state_dict(checkpoint["scheduler"])
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if run.device.type == "cuda" and checkpoint["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
@@ -256,7 +249,7 @@ def train_step(run: Run, inputs: torch.Tensor, labels: torch.Tensor) -> float:
     if run.config.train.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.train.grad_clip)
     run.optimizer.step()
-    run.scheduler.step()
+    run.schedule.step()
     run.state["step"] += 1
     value = float(mean_over_ranks(run.world, loss).item())
     if not math.isfinite(value):
@@ -280,7 +273,7 @@ def log_steps(run: Run, writer: Any, loss: float, samples: int, seconds: float) 
     """Record the mean loss, learning rate and speed of the last ``log_every`` steps."""
     step = run.state["step"]
     record = {"type": "step", "epoch": run.state["epoch"] + 1, "step": step,
-              "loss": loss / samples, "lr": run.scheduler.get_last_lr()[0],
+              "loss": loss / samples, "lr": run.schedule.lr,
               "samples_per_s": samples / max(seconds, 1e-9)}
     if run.world.is_main:
         append_jsonl(run.metrics_path, record)
@@ -293,7 +286,9 @@ def log_steps(run: Run, writer: Any, loss: float, samples: int, seconds: float) 
 def train_epoch(
     run: Run, loader: torch.utils.data.DataLoader, writer: Any, progress: bool
 ) -> EpochStats:
-    """One pass over the training batches of the current epoch, logging every few steps.
+    """One pass over the training batches of the current epoch, logging every few steps;
+    ``train.max_minutes`` running out ends it early (under torchrun: at the epoch's end, since
+    every rank must take the same steps).
 
     The progress bar shows only on a terminal: in a log file, CI or a notebook its
     carriage-return updates would be hundreds of lines, and the epoch line says enough.
@@ -307,6 +302,7 @@ def train_epoch(
     window_loss, window_samples, window_started = 0.0, 0, time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{run.config.train.epochs}", unit="batch",
                disable=not progress or not sys.stderr.isatty(), leave=False, dynamic_ncols=True)
+    step_started = time.perf_counter()
     for inputs, labels in bar:
         value, size = train_step(run, inputs, labels), len(inputs) * run.world.size
         epoch_loss += value * size
@@ -319,6 +315,10 @@ def train_epoch(
             bar.set_postfix(loss=f"{record['loss']:.3f}",
                             samples_s=f"{record['samples_per_s']:.0f}")
             window_loss, window_samples, window_started = 0.0, 0, time.perf_counter()
+        run.state["seconds"] += time.perf_counter() - step_started
+        step_started = time.perf_counter()
+        if run.out_of_time and not run.world.distributed:
+            break
     return EpochStats(epoch_loss, epoch_samples, time.perf_counter() - epoch_started,
                       epoch_started)
 
@@ -330,7 +330,7 @@ def checkpoint_state(run: Run, validation: dict[str, float]) -> dict[str, Any]:
         "format": CHECKPOINT_FORMAT,
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
+        "scheduler": run.schedule.state_dict(),
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
         "progress": dict(state),
@@ -344,31 +344,38 @@ def checkpoint_state(run: Run, validation: dict[str, float]) -> dict[str, Any]:
 
 
 def validate_and_checkpoint(run: Run, stats: EpochStats, writer: Any, progress: bool) -> None:
-    """Validate the epoch's model, update early stopping, log the epoch, write the checkpoints.
+    """Validate the epoch's model, let the schedule decide, log the epoch, write the checkpoints.
 
     last.pt every epoch; best.pt when validation NDCG@10 improved. Weights with a NaN or an
     infinity raise TrainingDiverged first: they are neither validated nor saved. Under
-    torchrun rank 0 alone validates and writes; the others take its progress.
+    torchrun rank 0 alone validates and writes; the others take its progress and schedule.
     """
     bad = first_non_finite(run.model.state_dict())
     if bad is not None:
         diverged(run, f"weight {bad} is not finite")
     if not run.world.is_main:
-        run.state.update(from_main(run.world, None))
+        state, schedule = from_main(run.world, None)
+        run.state.update(state)
+        run.schedule.load_state_dict(schedule)
         return
+    validation_started = time.perf_counter()
     validation = evaluate_model(run.model, run.split.validation, run.config, run.device)
     state = run.state
+    state["seconds"] += time.perf_counter() - validation_started
     epoch = state["epoch"] = state["epoch"] + 1
     improved = validation["ndcg@10"] > state["best_ndcg"]
     if improved:
-        state.update(best_ndcg=validation["ndcg@10"], best_epoch=epoch, bad_epochs=0)
-    else:
-        state["bad_epochs"] += 1
-    state["stopped"] = state["bad_epochs"] >= run.config.train.patience
+        state.update(best_ndcg=validation["ndcg@10"], best_epoch=epoch)
+    if run.schedule.validated(improved):
+        state.update(stopped=True, stop_reason="validation NDCG@10 stopped improving")
+    elif run.out_of_time:
+        state.update(stopped=True, stop_reason="train.max_minutes")
+    elif epoch >= run.config.train.epochs:
+        state["stop_reason"] = "train.epochs"
     record = {"type": "epoch", "epoch": epoch, "step": state["step"],
               "train_loss": stats.loss / max(stats.samples, 1),
               "samples_per_s": stats.samples / max(stats.train_seconds, 1e-9),
-              "seconds": time.perf_counter() - stats.started,
+              "seconds": time.perf_counter() - stats.started, "lr": run.schedule.lr,
               **{f"val_{name}": value for name, value in validation.items()}}
     append_jsonl(run.metrics_path, record)
     for name, value in validation.items():
@@ -385,7 +392,7 @@ def validate_and_checkpoint(run: Run, stats: EpochStats, writer: Any, progress: 
     save_checkpoint(run.run_dir / "last.pt", checkpoint)
     if improved:
         save_checkpoint(run.run_dir / "best.pt", checkpoint)
-    from_main(run.world, dict(state))
+    from_main(run.world, (dict(state), run.schedule.state_dict()))
 
 
 def train(
@@ -422,6 +429,7 @@ def train(
     state = run.state
     return {"epochs": state["epoch"], "steps": state["step"], "best_epoch": state["best_epoch"],
             "best_val_ndcg@10": state["best_ndcg"], "stopped_early": state["stopped"],
+            "stop_reason": state["stop_reason"],
             "seconds": time.perf_counter() - started, "run_dir": str(run.run_dir)}
 
 

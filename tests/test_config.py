@@ -49,6 +49,11 @@ def test_file_overrides_preset_and_flags_override_file(tmp_path: Path, suffix: s
         ("model.positional=rotary", "model.positional"),
         ("data.split_protocol=random", "data.split_protocol"),
         ("train.learning_rate=0.1", "train.learning_rate"),
+        ("train.schedule=linear", "train.schedule"),
+        ("train.max_minutes=-1", "train.max_minutes"),
+        ("train.max_minutes=nan", "train.max_minutes"),
+        ("train.halvings=-1", "train.halvings"),
+        ("train.warmup_steps=-5", "train.warmup_steps"),
         ("lr=0.1", "section.key=value"),
     ],
 )
