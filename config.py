@@ -31,7 +31,7 @@ RUNS_DIR = REPO_ROOT / "runs"
 SPLIT_PROTOCOLS = ("playlist", "leave_one_out")
 POSITIONAL_ENCODINGS = ("learned", "sinusoidal")
 DEVICES = ("auto", "cpu", "cuda")
-LOSSES = ("full", "sampled")
+LOSSES = ("auto", "full", "sampled")
 SCHEDULES = ("plateau", "cosine")
 OBJECTIVES = ("cloze", "causal")
 
@@ -92,7 +92,8 @@ class TrainConfig:
 
     ``loss``: ``full`` softmax over the catalog, or ``sampled`` softmax with logQ correction
     over the batch's targets plus ``negatives`` songs drawn from (count + 1)^``sampling_alpha``
-    (0: uniform); evaluation ranks the full catalog either way.
+    (0: uniform), or ``auto``: sampled only on a catalog of more than 8 x ``negatives`` songs
+    (sampled_softmax.choose_loss); evaluation ranks the full catalog either way.
     ``schedule`` (schedule.py): ``plateau`` warms up over ``warmup_steps``, then halves the
     rate after ``patience`` validations without a better NDCG@10 and stops after ``halvings``
     such halvings in a row; ``cosine`` decays over ``epochs`` and stops after ``patience``.

@@ -19,6 +19,20 @@ import torch.nn.functional as F
 
 from preprocessing_utils import FIRST_SONG_INDEX
 
+# train.loss = auto samples only on a catalog above this many times ``negatives``. From the
+# measured 4.3-5x faster sampled step at 116k songs (BENCHMARKS.md), the rest of a step costs
+# about as much as scoring 27k songs, so at 8 x 2,048 = 16k songs sampling would save under
+# 1.5x per step, and below that its noisier gradient is not worth the time it saves.
+AUTO_SAMPLED_FACTOR = 8
+
+
+def choose_loss(loss: str, n_songs: int, negatives: int) -> str:
+    """The loss a run trains with: ``auto`` is ``sampled`` on catalogs of more than
+    AUTO_SAMPLED_FACTOR x ``negatives`` songs, else ``full``; others are kept."""
+    if loss != "auto":
+        return loss
+    return "sampled" if n_songs > AUTO_SAMPLED_FACTOR * negatives else "full"
+
 
 class NegativeSampler:
     """Draws the shared negatives of a batch from q ∝ (training count + 1)^α over the songs.

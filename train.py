@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -62,7 +62,7 @@ from model import BERT4Rec
 from preprocessing_utils import DataError, Encoders
 from recommender import NonFiniteScores, Recommender
 from sample import print_recommendations, read_sequence_csv, run_evaluate
-from sampled_softmax import NegativeSampler
+from sampled_softmax import NegativeSampler, choose_loss
 from schedule import Schedule
 
 # ----------------------------------------------------------------------------- building blocks
@@ -163,18 +163,22 @@ class EpochStats:
 def prepare_run(config: Config) -> Run:
     """Data, split, a freshly seeded model, batches, optimizer and schedule for ``config``.
 
-    The heap keeps freed memory for the full loss's large per-step buffers only: with the
-    sampled loss the largest are embedding gradients (580 MB at 2.26M songs) that fragment a
-    kept heap (peak RSS 3.2 GB without, 3.7 to 4.8 GB with, BENCHMARKS.md).
+    ``train.loss = auto`` becomes the loss chosen for the catalog (the run's config, and so
+    its checkpoints, record which). The heap keeps freed memory for the full loss's large
+    per-step buffers only: with the sampled loss the largest are embedding gradients (580 MB
+    at 2.26M songs) that fragment a kept heap (peak RSS 3.2 GB without, 3.7 to 4.8 GB with,
+    BENCHMARKS.md).
     """
-    if config.train.loss == "full":
-        keep_freed_memory()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     world, device = join_world(pick_device(config.train.device))
     run_dir = Path(config.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     encoders, sequences = load_data(config.paths.data_dir)
+    loss = choose_loss(config.train.loss, encoders.n_songs, config.train.negatives)
+    config = replace(config, train=replace(config.train, loss=loss))
+    if loss == "full":
+        keep_freed_memory()
     split = split_for(config, sequences)
     torch.manual_seed(config.train.seed)
     model = build_model(config, encoders).to(device)

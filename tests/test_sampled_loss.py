@@ -11,6 +11,7 @@ from test_model import N_ALBUMS, N_ARTISTS, N_FEATURES, N_SONGS, SEQ_LEN, random
 from training_support import make_encoders, step_losses, write_data
 from training_support import tiny_config as tiny_run_config
 
+from checkpoint import load_checkpoint
 from model import BERT4Rec
 from preprocessing_utils import FIRST_SONG_INDEX, PAD_INDEX
 from recommender import Recommender
@@ -174,3 +175,15 @@ def test_sampled_training_runs_end_to_end_and_its_checkpoint_serves(tmp_path: Pa
     recommender = Recommender.from_checkpoint(run_dir / "best.pt")
     result = recommender.recommend([[5000, 5007, 5014]], k=5)[0]
     assert len(result.song_ids) == 5 and all(math.isfinite(score) for score in result.scores)
+
+
+@pytest.mark.parametrize(("negatives", "chosen"), [(4, "full"), (3, "sampled")])
+def test_auto_loss_samples_only_on_a_catalog_much_larger_than_the_negatives(
+    tmp_path: Path, negatives: int, chosen: str
+) -> None:
+    """30 songs: the full softmax up to 8 x negatives, the sampled one above; best.pt says which."""
+    data_dir = write_data(tmp_path / "data", make_encoders())
+    config = tiny_run_config(data_dir, tmp_path / "run", **{
+        "train.epochs": 1, "train.loss": "auto", "train.negatives": negatives})
+    train(config, progress=False)
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["config"]["train"]["loss"] == chosen
