@@ -181,8 +181,9 @@ def verify_checkpoint(
 
     The embedded encoders must match the fingerprint stored beside them (a damaged or edited
     file otherwise decodes indices to the wrong songs). Given ``encoders`` (the data's, read
-    from ``where``) must have the checkpoint's fingerprint too: song indices mean songs only
-    under the encoders they were fitted with.
+    from ``where``) must have the checkpoint's fingerprint too, or be the base the checkpoint's
+    catalog extension (cold_start.py) derives from: song indices mean songs only under the
+    encoders they were fitted with, and an extension only appends.
     """
     expected = checkpoint.get("encoders_fingerprint")
     try:
@@ -191,7 +192,8 @@ def verify_checkpoint(
         raise CheckpointError(f"{path}: the embedded encoders cannot be read: {error}") from None
     if embedded.fingerprint != expected:
         raise CheckpointError(f"{path}: the embedded encoders do not match their fingerprint")
-    if encoders is not None and encoders.fingerprint != expected:
+    if (encoders is not None and encoders.fingerprint != expected
+            and not embedded.derives_from(encoders.fingerprint)):
         source = where if where is not None else "the data"
         raise CheckpointError(
             f"the checkpoint was trained with encoders {str(expected)[:12]}…, but {source} holds "

@@ -65,6 +65,10 @@ class ModelConfig:
     the sequence's songs, summed per artist and per album of each candidate song.
     ``objective``: ``cloze`` (BERT4Rec: bidirectional, masked songs predicted) or ``causal``
     (SASRec: causal attention, the next song predicted at every position).
+    ``song_dropout``: in training, the share of song embeddings (input positions, and each
+    song's in the tied head per step) replaced by a learned unknown-song row, so the album,
+    artist and feature parts learn to score songs never played (cold_start.py). 0 here, so a
+    checkpoint saved before the setting existed loads as the network it was.
     """
 
     d_song: int = 64
@@ -79,6 +83,7 @@ class ModelConfig:
     side_features: bool = True
     side_pointer: bool = False
     objective: str = "cloze"
+    song_dropout: float = 0.0
 
     @property
     def d_model(self) -> int:
@@ -307,6 +312,7 @@ def validate(config: Config) -> None:
     _check(model.d_model % model.n_heads == 0, "model.n_heads",
            f"must divide d_model = d_song + d_album + d_artist = {model.d_model}")
     _check(0 <= model.dropout < 1, "model.dropout", "must be in [0, 1)")
+    _check(0 <= model.song_dropout < 1, "model.song_dropout", "must be in [0, 1)")
     _check(model.positional in POSITIONAL_ENCODINGS, "model.positional",
            f"must be one of {', '.join(POSITIONAL_ENCODINGS)}")
     _check(model.objective in OBJECTIVES, "model.objective",

@@ -18,6 +18,12 @@ and of its numeric features (computed per album, per artist and per song, then g
 the head shares the input embeddings, a rarely seen song is scored through its album, artist
 and sound, and the inference matrix-vector product is only ``d_song`` wide. Without
 ``tie_head`` the head is a separate ``Linear(d_model, n_song_tokens)``.
+
+Song-id dropout (``song_dropout`` > 0, training only): a position's song embedding is replaced
+by the learned ``unknown_song`` row with that probability, and in the tied head, per step, each
+song's embedding part and bias by ``unknown_song`` and ``unknown_bias``; the album, artist and
+feature parts then learn to score a song alone, as they must for a song added after training
+(cold_start.py gives it exactly those rows).
 """
 
 from __future__ import annotations
@@ -155,6 +161,7 @@ class BERT4Rec(nn.Module):
         super().__init__()
         config = model_config
         d_model = config.d_model
+        self.config = config
         self.seq_len = seq_len
         self.causal = config.objective == "causal"
         self.n_song_tokens = n_song_tokens
@@ -165,6 +172,11 @@ class BERT4Rec(nn.Module):
         )
         song_width = config.d_song if self.use_side else d_model
         self.song_embedding = nn.Embedding(n_song_tokens, song_width, padding_idx=PAD_INDEX)
+        self.song_dropout = config.song_dropout
+        if self.song_dropout > 0:
+            self.unknown_song = nn.Parameter(torch.zeros(song_width))
+            if config.tie_head:
+                self.unknown_bias = nn.Parameter(torch.zeros(()))
         if self.use_side:
             self.album_embedding = nn.Embedding(n_album_tokens, config.d_album, padding_idx=0)
             self.artist_embedding = nn.Embedding(n_artist_tokens, config.d_artist, padding_idx=0)
@@ -262,8 +274,15 @@ class BERT4Rec(nn.Module):
                 table[MASK_INDEX].zero_()
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Input vectors (B, L, d_model) before positions: song ⊕ album ⊕ artist (+ features)."""
+        """Input vectors (B, L, d_model) before positions: song ⊕ album ⊕ artist (+ features).
+
+        In training with song dropout, some songs' part is the unknown-song row (module doc).
+        """
         song = self.song_embedding(tokens)
+        if self.training and self.song_dropout > 0:
+            dropped = torch.rand(tokens.shape, device=tokens.device) < self.song_dropout
+            dropped &= tokens >= FIRST_SONG_INDEX
+            song = torch.where(dropped[..., None], self.unknown_song.to(song.dtype), song)
         if not self.use_side:
             return song
         parts = [song, self.album_embedding(self.song_album[tokens])]
@@ -293,11 +312,34 @@ class BERT4Rec(nn.Module):
             x = block(x, attend, last_only and index == last_block)
         return self.final_norm(x)
 
-    def song_vectors(self) -> torch.Tensor:
-        """The head's matrix (n_song_tokens, width); recompute after every weight update."""
+    def dropped_songs(self) -> torch.Tensor | None:
+        """This step's songs (n_song_tokens,) whose head rows are unknown; None when none are.
+
+        Drawn once per loss in training with song dropout and a tied head, else None.
+        """
+        if not (self.training and self.song_dropout > 0 and self.tie_head):
+            return None
+        device = self.song_embedding.weight.device
+        dropped = torch.rand(self.n_song_tokens, device=device) < self.song_dropout
+        dropped[:FIRST_SONG_INDEX] = False
+        return dropped
+
+    def head_bias_of(self, dropped: torch.Tensor | None) -> torch.Tensor:
+        """The output bias, with the unknown bias for the ``dropped`` songs."""
+        if dropped is None:
+            return self.output_bias
+        return torch.where(dropped, self.unknown_bias, self.output_bias)
+
+    def song_vectors(self, dropped: torch.Tensor | None = None) -> torch.Tensor:
+        """The head's matrix (n_song_tokens, width); recompute after every weight update.
+
+        ``dropped`` (``dropped_songs()``): those songs' embedding part is the unknown row.
+        """
         if not self.tie_head:
             return self.head.weight
         vectors = self.song_embedding.weight
+        if dropped is not None:
+            vectors = torch.where(dropped[:, None], self.unknown_song, vectors)
         if self.use_side:
             albums = F.embedding(self.song_album, self.album_to_song(self.album_embedding.weight))
             artists = F.embedding(self.song_artist,
@@ -311,9 +353,11 @@ class BERT4Rec(nn.Module):
         """What the head multiplies with the song vectors: transformed when the head is tied."""
         return self.head_transform(hidden) if self.tie_head else hidden
 
-    def head_parts(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def head_parts(
+        self, hidden: torch.Tensor, dropped: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The head as ``(x, weight, bias)`` with logits = x @ weight.T + bias."""
-        return self.head_input(hidden), self.song_vectors(), self.output_bias
+        return self.head_input(hidden), self.song_vectors(dropped), self.head_bias_of(dropped)
 
     def scoring_matrix(self) -> torch.Tensor:
         """The head's matrix transposed, (width, n_song_tokens) and contiguous, for inference.
@@ -409,26 +453,31 @@ class BERT4Rec(nn.Module):
         encoded = self.encode(tokens)
         hidden = encoded[masked]
         targets = labels[masked]
+        dropped = self.dropped_songs()
         if sampler is not None:
-            return self._sampled_loss(encoded, tokens, masked, hidden, targets, sampler)
+            return self._sampled_loss(encoded, tokens, masked, hidden, targets, sampler, dropped)
         extra = None
         if self.side_pointer:
             rows, positions = self._labelled(masked)
             extra = self.pointer_logits(encoded, tokens, rows, hidden, positions=positions)
+        x, weight, bias = self.head_parts(hidden, dropped)
         if hidden.is_cuda:
-            logits = self.logits(hidden).float()
+            logits = F.linear(x, weight, bias).float()
             return F.cross_entropy(logits if extra is None else logits + extra, targets)
-        x, weight, bias = self.head_parts(hidden)
         return LinearCrossEntropy.apply(x, weight, bias, targets, extra)
 
     def _sampled_loss(
         self, encoded: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor,
         hidden: torch.Tensor, targets: torch.Tensor, sampler: NegativeSampler,
+        dropped: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sampled softmax of ``hidden`` (M, d_model) against the batch's shared candidates."""
         songs, log_q, positive = sampler.candidates(targets)
-        logits = torch.addmm(self.output_bias[songs], self.head_input(hidden),
-                             self.candidate_vectors(songs).T)
+        drop = None if dropped is None else dropped[songs]
+        bias = self.output_bias[songs]
+        if drop is not None:
+            bias = torch.where(drop, self.unknown_bias, bias)
+        logits = torch.addmm(bias, self.head_input(hidden), self.candidate_vectors(songs, drop).T)
         if self.side_pointer:
             rows, positions = self._labelled(masked)
             logits = logits.float() + self.pointer_logits(encoded, tokens, rows, hidden, songs,
@@ -440,15 +489,20 @@ class BERT4Rec(nn.Module):
         where = masked.nonzero()
         return where[:, 0], where[:, 1] if self.causal else None
 
-    def candidate_vectors(self, songs: torch.Tensor) -> torch.Tensor:
+    def candidate_vectors(
+        self, songs: torch.Tensor, dropped: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Rows ``songs`` of ``song_vectors()`` (C, width), built for those songs only.
 
         Plain lookups, as in ``song_vectors``: the head's gradient reaches the padding rows too;
         the song rows' gradient is sparse (the input lookup makes that table's dense).
+        ``dropped`` (C,): candidates whose embedding part is the unknown row.
         """
         if not self.tie_head:
             return self.head.weight[songs]
         vectors = SparseRows.apply(self.song_embedding.weight, songs)
+        if dropped is not None:
+            vectors = torch.where(dropped[:, None], self.unknown_song, vectors)
         if self.use_side:
             albums = F.embedding(self.song_album[songs], self.album_embedding.weight)
             artists = F.embedding(self.song_artist[songs], self.artist_embedding.weight)

@@ -72,6 +72,9 @@ _ARRAY_NAMES = ("format_version", "has_side_info", "song_ids", "album_ids", "art
                 "song_album", "song_artist", "song_features", "numeric_fill", "numeric_center",
                 "numeric_scale")
 SONG_COLUMNS = ("song_id", "album_id", "artist_id", *RAW_FEATURE_FIELDS)
+# arrays only extended encoders hold (cold_start.py): per earlier link, its fingerprint's 32
+# bytes and its (songs, albums, artists) counts, base first
+_CHAIN_NAMES = ("chain_fingerprints", "chain_sizes")
 
 # (low, high, integer?) inclusive bounds; mirrors the CHECK constraints in sql/schema.sql.
 FEATURE_RANGES: dict[str, tuple[float, float, bool]] = {
@@ -204,7 +207,10 @@ class Encoders:
         numeric_center: np.ndarray,
         numeric_scale: np.ndarray,
         has_side_info: bool,
+        chain_fingerprints: np.ndarray | None = None,
+        chain_sizes: np.ndarray | None = None,
     ) -> None:
+        """``chain_*``: the encoders this one extends (see ``derives_from``), none when fitted."""
         self.song_ids = np.asarray(song_ids, dtype=np.int64)
         self.album_ids = np.asarray(album_ids, dtype=np.int64)
         self.artist_ids = np.asarray(artist_ids, dtype=np.int64)
@@ -215,18 +221,35 @@ class Encoders:
         self.numeric_center = np.asarray(numeric_center, dtype=np.float64)
         self.numeric_scale = np.asarray(numeric_scale, dtype=np.float64)
         self.has_side_info = bool(has_side_info)
+        self.chain_fingerprints = np.asarray(
+            np.zeros((0, 32)) if chain_fingerprints is None else chain_fingerprints, np.uint8)
+        self.chain_sizes = np.asarray(
+            np.zeros((0, 3)) if chain_sizes is None else chain_sizes, np.int64)
         self._validate()
+        # extended encoders' song ids in order and their positions, built at the first lookup
+        self._song_lookup: tuple[np.ndarray, np.ndarray] | None = None
 
     def _validate(self) -> None:
         """Refuse inconsistent arrays (e.g. a hand-edited or truncated encoders file)."""
         n_tokens = self.n_song_tokens
         problems = []
-        if len(self.song_ids) and (np.diff(self.song_ids) <= 0).any():
-            problems.append("song_ids must be strictly increasing")
-        for name in ("album_ids", "artist_ids"):
+        links = len(self.chain_sizes)
+        if self.chain_fingerprints.shape != (links, 32) or self.chain_sizes.shape != (links, 3):
+            problems.append("chain_fingerprints and chain_sizes must be (links, 32) and (links, 3)")
+            links = 0
+        sizes = np.array([self.n_songs, len(self.album_ids), len(self.artist_ids)])
+        if links and ((np.diff(self.chain_sizes, axis=0) < 0).any()
+                      or (self.chain_sizes[-1] > sizes).any()):
+            problems.append("chain_sizes must grow up to the encoders' own sizes")
+            links = 0
+        # fitted ids are sorted; an extension appends (cold_start.py), so only unique after
+        base = self.chain_sizes[0] if links else sizes
+        for name, fitted in zip(("song_ids", "album_ids", "artist_ids"), base, strict=True):
             ids = getattr(self, name)
-            if len(ids) and (np.diff(ids) <= 0).any():
+            if (np.diff(ids[:fitted]) <= 0).any():
                 problems.append(f"{name} must be strictly increasing")
+            elif links and len(np.unique(ids)) != len(ids):
+                problems.append(f"{name} must be unique")
         for name, limit in (("song_album", self.n_album_tokens),
                             ("song_artist", self.n_artist_tokens)):
             table = getattr(self, name)
@@ -324,14 +347,24 @@ class Encoders:
 
     def encode_songs(self, catalog_ids: Iterable[int] | np.ndarray) -> np.ndarray:
         """Song token indices of catalog ids; unknown ids give -1 (callers drop and count them)."""
-        ids = np.asarray(catalog_ids, dtype=np.int64).reshape(-1)
-        where = np.searchsorted(self.song_ids, ids)
-        known = where < self.n_songs
-        known[known] = self.song_ids[where[known]] == ids[known]
-        unknown = int(len(ids) - known.sum())
+        tokens = self.find_songs(catalog_ids)
+        unknown = int((tokens < 0).sum())
         if unknown:
-            logger.info("%d of %d song ids are unknown to the encoders", unknown, len(ids))
-        return np.where(known, where + FIRST_SONG_INDEX, -1).astype(np.int64)
+            logger.info("%d of %d song ids are unknown to the encoders", unknown, len(tokens))
+        return tokens
+
+    def find_songs(self, catalog_ids: Iterable[int] | np.ndarray) -> np.ndarray:
+        """``encode_songs`` without logging the unknown ones (-1)."""
+        ids = np.asarray(catalog_ids, dtype=np.int64).reshape(-1)
+        if not len(self.chain_sizes):
+            found = find_ids(self.song_ids, ids)
+            return np.where(found < 0, -1, found + FIRST_SONG_INDEX)
+        if self._song_lookup is None:
+            order = np.argsort(self.song_ids, kind="stable")
+            self._song_lookup = self.song_ids[order], order
+        sorted_ids, order = self._song_lookup
+        found = find_ids(sorted_ids, ids)
+        return np.where(found < 0, -1, order[found] + FIRST_SONG_INDEX)
 
     def decode_songs(self, indices: Iterable[int] | np.ndarray) -> np.ndarray:
         """Catalog ids of song token indices; ValueError for [PAD], [MASK] or out of range."""
@@ -343,8 +376,14 @@ class Encoders:
         return self.song_ids[tokens - FIRST_SONG_INDEX]
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """Every fitted value as a numeric array, so a checkpoint can embed them without pickle."""
-        return {
+        """Every fitted value as a numeric array, so a checkpoint can embed them without pickle.
+
+        The chain arrays only when extended, so fitted encoders keep their fingerprint.
+        """
+        chain: dict[str, np.ndarray] = (
+            {"chain_fingerprints": self.chain_fingerprints, "chain_sizes": self.chain_sizes}
+            if len(self.chain_sizes) else {})
+        return {**chain,
             "format_version": np.asarray(FORMAT_VERSION, dtype=np.int64),
             "has_side_info": np.asarray(int(self.has_side_info), dtype=np.int64),
             "song_ids": self.song_ids,
@@ -368,8 +407,29 @@ class Encoders:
         if int(values["format_version"]) != FORMAT_VERSION:
             raise DataError(f"invalid encoders: format_version {int(values['format_version'])}, "
                             f"this code reads {FORMAT_VERSION}")
-        tables = {name: values[name] for name in _ARRAY_NAMES[2:]}
+        tables = {name: values[name] for name in (*_ARRAY_NAMES[2:], *_CHAIN_NAMES)
+                  if name in values}
         return cls(**tables, has_side_info=bool(int(values["has_side_info"])))
+
+    def prefix(self, link: int) -> Encoders:
+        """The encoders this one extends at chain link ``link`` (0: the fitted base): the first
+        songs, albums and artists and their tables, with the chain before that link."""
+        songs, albums, artists = (int(size) for size in self.chain_sizes[link])
+        tokens = songs + FIRST_SONG_INDEX
+        return Encoders(self.song_ids[:songs], self.album_ids[:albums], self.artist_ids[:artists],
+                        self.song_album[:tokens], self.song_artist[:tokens],
+                        self.song_features[:tokens], self.numeric_fill, self.numeric_center,
+                        self.numeric_scale, self.has_side_info, self.chain_fingerprints[:link],
+                        self.chain_sizes[:link])
+
+    def derives_from(self, fingerprint: str) -> bool:
+        """Whether these encoders are those of ``fingerprint`` (itself or a chain link) with
+        songs, albums and artists appended: every index of those means the same here."""
+        if fingerprint == self.fingerprint:
+            return True
+        links = [link for link, digest in enumerate(self.chain_fingerprints)
+                 if digest.tobytes().hex() == fingerprint]
+        return bool(links) and self.prefix(links[0]).fingerprint == fingerprint
 
     @property
     def fingerprint(self) -> str:
@@ -383,7 +443,12 @@ class Encoders:
 
     def metadata(self) -> dict[str, object]:
         """The human-readable description written to encoders.json."""
+        extends = [{"fingerprint": digest.tobytes().hex(), "n_songs": int(sizes[0]),
+                    "n_albums": int(sizes[1]), "n_artists": int(sizes[2])}
+                   for digest, sizes in zip(self.chain_fingerprints, self.chain_sizes,
+                                            strict=True)]
         return {
+            **({"extends": extends} if extends else {}),
             "format_version": FORMAT_VERSION,
             "fingerprint": self.fingerprint,
             "has_side_info": self.has_side_info,
@@ -420,6 +485,14 @@ class Encoders:
             raise DataError(f"{folder}: {ENCODERS_JSON} and {ENCODERS_NPZ} disagree "
                             f"(fingerprint mismatch); refit the encoders")
         return encoders
+
+
+def find_ids(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Position of each of ``ids`` in the strictly increasing ``sorted_ids``, -1 if absent."""
+    where = np.searchsorted(sorted_ids, ids)
+    known = where < len(sorted_ids)
+    known[known] = sorted_ids[where[known]] == ids[known]
+    return np.where(known, where, -1).astype(np.int64)
 
 
 def _index_column(ids: pd.Series) -> tuple[np.ndarray, np.ndarray]:

@@ -78,10 +78,11 @@ class Recommender:
     def __init__(
         self, model: BERT4Rec, encoders: Encoders, popularity: torch.Tensor, model_version: str,
         device: str | torch.device = "cpu", batch_size: int = 256, index: str = "auto",
-        checkpoint: Path | None = None,
+        checkpoint: Path | None = None, approximate: ApproximateScorer | None = None,
     ) -> None:
         """``index``: exact, approximate or auto (see retrieval.py); ``checkpoint``: the file
-        the model came from, beside which the approximate index is saved and checked."""
+        the model came from, beside which the approximate index is saved and checked;
+        ``approximate``: a ready scorer of this model (a catalog extension's, cold_start.py)."""
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.index_mode = resolve_index_mode(index, encoders.n_songs)
@@ -90,7 +91,7 @@ class Recommender:
         if self.index_mode == "approximate":
             if self.device.type != "cpu":
                 raise ValueError("the approximate index serves on the CPU only")
-            self.approximate = ApproximateScorer(self.model, checkpoint)
+            self.approximate = approximate or ApproximateScorer(self.model, checkpoint)
         else:
             self.scoring_matrix = self.model.scoring_matrix()
         self.encoders = encoders

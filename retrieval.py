@@ -11,6 +11,12 @@ column, sqrt(M² - |row|²), with 0 in the query), which balances its lists: cho
 measurement, BENCHMARKS.md "Approximate retrieval". It is saved beside the checkpoint in
 faiss's own serialization with a JSON record of the checkpoint's SHA-256; a stale, foreign or
 damaged file is refused and rebuilt.
+
+A catalog extension (cold_start.py) keeps the index of the model it extends, whose songs' head
+rows it leaves unchanged, and searches the added songs in an exact flat index beside it: no
+copy of the big index and no retraining of its lists. When the added songs outnumber what one
+query scans in the index (nprobe of its lists), searching them flat costs more than the index
+itself, and the index is rebuilt over the whole catalog instead.
 """
 
 from __future__ import annotations
@@ -174,7 +180,11 @@ class Groups:
 class ApproximateScorer:
     """Top-k song tokens of the head through the index, re-scored exactly (see module doc)."""
 
-    def __init__(self, model: BERT4Rec, checkpoint: Path | None = None) -> None:
+    def __init__(
+        self, model: BERT4Rec, checkpoint: Path | None = None,
+        shared: faiss.IndexIVFFlat | None = None,
+    ) -> None:
+        """``shared``: the index of the model this one extends, for its first songs (module doc)."""
         self.model = model
         self.rows = head_rows(model).cpu()
         self.n_songs = len(self.rows) - FIRST_SONG_INDEX
@@ -182,7 +192,12 @@ class ApproximateScorer:
         self.finite = bool(torch.isfinite(self.rows[FIRST_SONG_INDEX:]).all())
         self.build_seconds = 0.0
         self.index: faiss.IndexIVFFlat | None = None
-        if self.finite:
+        self.added: faiss.IndexFlatIP | None = None
+        if self.finite and shared is not None and self._can_share(shared):
+            self.index = shared
+            self.added = faiss.IndexFlatIP(self.rows.shape[1])
+            self.added.add(self.rows[FIRST_SONG_INDEX + shared.ntotal:].numpy())
+        elif self.finite:
             self.index = self._load_or_build(checkpoint)
         rng = np.random.default_rng(1)
         sample = rng.choice(self.n_songs, min(self.n_songs, TAIL_SAMPLE), replace=False)
@@ -192,11 +207,23 @@ class ApproximateScorer:
             self.by_artist = Groups(model.song_artist)
             self.by_album = Groups(model.song_album)
 
+    def _can_share(self, shared: faiss.IndexIVFFlat) -> bool:
+        """Whether ``shared`` can serve this model's first songs, the rest searched flat."""
+        added = self.n_songs - shared.ntotal
+        return 0 <= added <= shared.nprobe / shared.nlist * shared.ntotal
+
+    def extended(self, model: BERT4Rec) -> ApproximateScorer:
+        """The scorer of ``model``, an extension of this one's (same first songs), sharing the
+        index; this scorer is left as it is."""
+        return ApproximateScorer(model, shared=self.index)
+
     def memory_bytes(self) -> int:
         """What this scorer holds: the index's vectors, ids and centroids, and the head rows."""
         held = self.rows.numel() * 4 + self.sample_rows.numel() * 4
         if self.index is not None:
             held += self.index.ntotal * (self.index.d * 4 + 8) + self.index.nlist * self.index.d * 4
+        if self.added is not None:
+            held += self.added.ntotal * self.added.d * 4
         return held
 
     def _load_or_build(self, checkpoint: Path | None) -> faiss.IndexIVFFlat:
@@ -244,7 +271,10 @@ class ApproximateScorer:
         faiss.omp_set_num_threads(torch.get_num_threads())
         safe = torch.where(finite[:, None], queries, torch.zeros_like(queries))
         padded = torch.cat([safe, torch.zeros(len(safe), 1)], dim=1)
-        _, found = self.index.search(padded.numpy(), count)
+        _, found = self.index.search(padded.numpy(), min(count, self.index.ntotal))
+        if self.added is not None and self.added.ntotal:
+            _, more = self.added.search(safe.numpy(), min(count, self.added.ntotal))
+            found = np.concatenate([found, np.where(more < 0, -1, more + self.index.ntotal)], 1)
         results: list[tuple[np.ndarray, np.ndarray] | None] = []
         for row, tokens in enumerate(sequences):
             if not finite[row]:

@@ -1,0 +1,140 @@
+"""Cold start: songs added to the catalog after training are recommended without retraining."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from service_support import DEMO_DATA
+from test_sampled_loss import cloze_batch, pointer_model, popularity
+
+from checkpoint import load_model
+from cold_start import extend_checkpoint, extend_encoders, extend_recommender, main
+from csv_tables import read_csv_songs
+from preprocessing_utils import FIRST_SONG_INDEX, NUMERIC_COLUMNS
+from recommender import Recommender
+from sampled_softmax import NegativeSampler
+
+NEW_SONG, NEW_ALBUM, NEW_ARTIST = 990_000_001, 880_000_001, 770_000_001
+
+
+@pytest.fixture(scope="module")
+def catalog() -> pd.DataFrame:
+    """The demo songs table as preprocessing reads it."""
+    return read_csv_songs(DEMO_DATA / "songs.csv")
+
+
+def album_run(catalog: pd.DataFrame, size: int = 6) -> pd.DataFrame:
+    """The tracks, in order, of the first demo album with at least ``size`` songs."""
+    counts = catalog["album_id"].value_counts()
+    album = counts[counts >= size].index.sort_values()[0]
+    return catalog[catalog["album_id"] == album].sort_values(["disc_number", "track_number"])
+
+
+def new_rows(catalog: pd.DataFrame) -> pd.DataFrame:
+    """Three new releases: the next track of an album, a new album of a known artist, and a
+    new album of a new artist with NULL features."""
+    tracks = album_run(catalog)
+    rows = tracks.iloc[[-1, -1, -1]].copy()
+    rows["song_id"] = [NEW_SONG, NEW_SONG + 1, NEW_SONG + 2]
+    rows["track_number"] = [tracks["track_number"].max() + 1, 1, 1]
+    rows["album_id"] = [rows["album_id"].iloc[0], NEW_ALBUM, NEW_ALBUM + 1]
+    rows["artist_id"] = [rows["artist_id"].iloc[0], rows["artist_id"].iloc[0], NEW_ARTIST]
+    rows.loc[rows.index[2], ["danceability", "energy", "tempo", "key"]] = np.nan
+    return rows
+
+
+@pytest.mark.parametrize("index", ["exact", "approximate"])
+def test_a_new_release_is_recommended_after_its_album_mates_and_old_songs_keep_their_scores(
+    checkpoint: Path, catalog: pd.DataFrame, index: str
+) -> None:
+    recommender = Recommender.from_checkpoint(checkpoint, index=index)
+    before = recommender.encoders.fingerprint
+    extended = extend_recommender(recommender, pd.concat([catalog, new_rows(catalog)]))
+    assert recommender.encoders.fingerprint == before and recommender.n_songs < extended.n_songs
+    assert extended.n_songs == recommender.n_songs + 3
+    known = catalog["song_id"].to_numpy()
+    np.testing.assert_array_equal(extended.encoders.encode_songs(known),
+                                  recommender.encoders.encode_songs(known))
+    assert extended.encoders.derives_from(before)
+    tracks = album_run(catalog)["song_id"].tolist()
+    answer = extended.recommend([tracks], k=10)[0]
+    assert NEW_SONG in answer.song_ids
+    tokens = torch.tensor([[*recommender.encoders.encode_songs(tracks[:4]), 1]])
+    with torch.inference_mode():
+        old = recommender.model.predict_last(tokens)
+        new = extended.model.predict_last(tokens)
+    torch.testing.assert_close(new[:, : old.shape[1]], old)
+    assert torch.isfinite(new[:, FIRST_SONG_INDEX:]).all()
+    # a playlist holding a new song uses it as input instead of reporting it unknown
+    assert not extended.recommend([[NEW_SONG + 2, *tracks[:2]]])[0].unknown_song_ids
+    assert extend_recommender(extended, catalog) is extended
+
+
+def test_new_albums_and_artists_get_rows_and_null_features_the_fitted_fill(
+    checkpoint: Path, catalog: pd.DataFrame
+) -> None:
+    recommender = Recommender.from_checkpoint(checkpoint, index="exact")
+    base = recommender.encoders
+    encoders = extend_encoders(base, pd.concat([catalog, new_rows(catalog)]))
+    tokens = encoders.encode_songs([NEW_SONG, NEW_SONG + 1, NEW_SONG + 2])
+    np.testing.assert_array_equal(tokens, base.n_song_tokens + np.arange(3))
+    albums, artists = encoders.song_album[tokens], encoders.song_artist[tokens]
+    assert albums[0] < base.n_album_tokens and artists[0] == artists[1] < base.n_artist_tokens
+    assert list(albums[1:]) == [base.n_album_tokens, base.n_album_tokens + 1]
+    assert artists[2] == base.n_artist_tokens
+    scaled = [NUMERIC_COLUMNS.index(name) for name in ("danceability", "energy", "tempo")]
+    np.testing.assert_array_equal(encoders.song_features[tokens[2], scaled], 0.0)
+    model = extend_recommender(recommender, pd.concat([catalog, new_rows(catalog)])).model
+    album_rows = model.album_embedding.weight
+    artist_albums = np.unique(base.song_album[base.song_artist == artists[1]])
+    torch.testing.assert_close(album_rows[albums[1]],
+                               album_rows[torch.from_numpy(artist_albums)].mean(dim=0))
+    torch.testing.assert_close(album_rows[albums[2]], album_rows[1: base.n_album_tokens].mean(0))
+
+
+def test_an_extended_checkpoint_round_trips_and_its_chain_verifies(
+    checkpoint: Path, catalog: pd.DataFrame, tmp_path: Path
+) -> None:
+    songs = pd.concat([catalog, new_rows(catalog)])
+    recommender = Recommender.from_checkpoint(checkpoint, index="exact")
+    extended = extend_recommender(recommender, songs)
+    out = tmp_path / "extended.pt"
+    assert extend_checkpoint(checkpoint, songs, out) == 3
+    loaded = load_model(out, recommender.encoders)
+    assert loaded.encoders.fingerprint == extended.encoders.fingerprint
+    np.testing.assert_array_equal(loaded.encoders.chain_fingerprints,
+                                  extended.encoders.chain_fingerprints)
+    assert loaded.model_version == extended.model_version
+    reloaded = Recommender.from_checkpoint(out, index="exact")
+    playlists = [[NEW_SONG, *catalog["song_id"].iloc[:3]], album_run(catalog)["song_id"].tolist()]
+    for ours, theirs in zip(extended.recommend(playlists), reloaded.recommend(playlists),
+                            strict=True):
+        assert ours.song_ids == theirs.song_ids
+        np.testing.assert_allclose(ours.scores, theirs.scores, rtol=1e-5)
+    again = tmp_path / "again.pt"
+    assert main(["--checkpoint", str(out), "--songs", str(DEMO_DATA), "--out", str(again)]) == 0
+    assert load_model(again).encoders.fingerprint == extended.encoders.fingerprint
+
+
+def test_song_dropout_trains_the_unknown_row_and_is_off_at_evaluation() -> None:
+    for objective in ("cloze", "causal"):
+        model = pointer_model(song_dropout=0.5, objective=objective)
+        tokens, labels = cloze_batch()
+        sampler = NegativeSampler(popularity(), negatives=16, alpha=0.5)
+        for loss_sampler in (None, sampler):
+            model.train()
+            model.zero_grad()
+            torch.manual_seed(3)
+            model.loss(tokens, labels, loss_sampler).backward()
+            assert model.unknown_song.grad.abs().sum() > 0
+            assert model.unknown_bias.grad.abs() > 0
+        model.eval()
+        with torch.no_grad():
+            before = model.predict_last(tokens)
+            model.unknown_song.add_(1.0)
+            model.unknown_bias.add_(1.0)
+            torch.testing.assert_close(model.predict_last(tokens), before)
