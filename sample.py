@@ -13,10 +13,11 @@ import numpy as np
 import torch
 
 from checkpoint import load_model
+from cold_start import extend_recommender, read_catalog_songs
 from dataset import load_data, split_for
 from evaluation import evaluate_split, keep_freed_memory
 from preprocessing_utils import DataError
-from recommender import Recommendation
+from recommender import Recommendation, Recommender
 
 
 def run_evaluate(
@@ -34,6 +35,18 @@ def run_evaluate(
     results["checkpoint"] = str(checkpoint_path)
     results["model_version"] = loaded.model_version
     return results
+
+
+def with_catalog(recommender: Recommender, catalog: Path | None) -> Recommender:
+    """The recommender extended by the songs of ``catalog``/songs.csv it lacks (cold_start.py),
+    saying how many were added; unchanged without a songs table or new songs."""
+    if catalog is None or not (Path(catalog) / "songs.csv").is_file():
+        return recommender
+    extended = extend_recommender(recommender, read_catalog_songs(Path(catalog)))
+    if extended is not recommender:
+        print(f"catalog: {extended.n_songs - recommender.n_songs} songs of {catalog}/songs.csv "
+              f"added to the model's {recommender.n_songs} (no retraining; cold_start.py)")
+    return extended
 
 
 def read_sequence_csv(path: Path) -> list[int]:

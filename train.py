@@ -61,7 +61,7 @@ from evaluation import autocast, evaluate_model, format_table, keep_freed_memory
 from model import BERT4Rec
 from preprocessing_utils import DataError, Encoders
 from recommender import NonFiniteScores, Recommender
-from sample import print_recommendations, read_sequence_csv, run_evaluate
+from sample import print_recommendations, read_sequence_csv, run_evaluate, with_catalog
 from sampled_softmax import NegativeSampler, choose_loss
 from schedule import Schedule
 
@@ -478,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.threads:
                 torch.set_num_threads(args.threads)
             sequence = read_sequence_csv(args.sequence)
-            recommender = Recommender.from_checkpoint(args.recommend, index=args.index)
+            recommender = with_catalog(
+                Recommender.from_checkpoint(args.recommend, index=args.index), args.catalog)
             result = recommender.recommend([sequence], k=args.k,
                                            exclude_seen=args.exclude_seen is not False)[0]
             print(f"model {recommender.model_version}")

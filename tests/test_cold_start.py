@@ -10,13 +10,16 @@ import pytest
 import torch
 from service_support import DEMO_DATA
 from test_sampled_loss import cloze_batch, pointer_model, popularity
+from training_support import make_encoders
+from training_support import tiny_config as tiny_run_config
 
-from checkpoint import load_model
-from cold_start import extend_checkpoint, extend_encoders, extend_recommender, main
+from checkpoint import build_model, load_checkpoint, load_model, save_checkpoint
+from cold_start import extend_checkpoint, extend_encoders, extend_model, extend_recommender, main
 from csv_tables import read_csv_songs
-from preprocessing_utils import FIRST_SONG_INDEX, NUMERIC_COLUMNS
+from preprocessing_utils import FIRST_SONG_INDEX, NUMERIC_COLUMNS, RAW_FEATURE_FIELDS
 from recommender import Recommender
 from sampled_softmax import NegativeSampler
+from train import main as train_main
 
 NEW_SONG, NEW_ALBUM, NEW_ARTIST = 990_000_001, 880_000_001, 770_000_001
 
@@ -138,3 +141,68 @@ def test_song_dropout_trains_the_unknown_row_and_is_off_at_evaluation() -> None:
             model.unknown_song.add_(1.0)
             model.unknown_bias.add_(1.0)
             torch.testing.assert_close(model.predict_last(tokens), before)
+
+
+@pytest.mark.parametrize("changes", [
+    {}, {"side_pointer": "false", "objective": "causal"}, {"tie_head": "false"},
+    {"side_features": "false"}, {"song_dropout": "0.3"},
+    {"song_dropout": "0.3", "side_pointer": "false", "objective": "causal"},
+])
+def test_every_variant_extends_without_changing_known_scores(changes: dict[str, str]) -> None:
+    encoders = make_encoders(side_info="side_features" not in changes)
+    config = tiny_run_config(Path("data"), Path("run"),
+                             **{f"model.{key}": value for key, value in changes.items()})
+    model = build_model(config, encoders).eval()
+    rows = pd.DataFrame({"song_id": [1, 99_999], "album_id": [200, None],
+                         "artist_id": [10, None]})
+    for field in RAW_FEATURE_FIELDS:
+        rows[field] = np.nan
+    extended = extend_encoders(encoders, rows)
+    assert extended.n_songs == encoders.n_songs + 2
+    assert extended.derives_from(encoders.fingerprint)
+    assert extend_encoders(extended, rows) is extended
+    network = extend_model(model, extended)
+    known = torch.tensor([[2, 3, 4, 1]])
+    with torch.no_grad():
+        old, new = model.predict_last(known), network.predict_last(known)
+        with_new = network.predict_last(torch.tensor([[2, extended.n_song_tokens - 1, 1]]))
+    torch.testing.assert_close(new[:, : old.shape[1]], old)
+    assert torch.isfinite(with_new[:, FIRST_SONG_INDEX:]).all()
+
+
+def test_a_checkpoint_from_before_song_dropout_loads_and_extends(
+    checkpoint: Path, catalog: pd.DataFrame, tmp_path: Path
+) -> None:
+    state = load_checkpoint(checkpoint)
+    config = {**state["config"], "model": {
+        key: value for key, value in state["config"]["model"].items() if key != "song_dropout"}}
+    weights = {name: tensor for name, tensor in state["model"].items()
+               if not name.startswith("unknown_")}
+    old = tmp_path / "old.pt"
+    save_checkpoint(old, {**state, "config": config, "model": weights})
+    recommender = Recommender.from_checkpoint(old, index="exact")
+    model = extend_recommender(recommender, pd.concat([catalog, new_rows(catalog)])).model
+    assert not model.song_embedding.weight[-3:].any()
+    torch.testing.assert_close(model.head_bias[-1],
+                               recommender.model.head_bias[FIRST_SONG_INDEX:].mean())
+
+
+def test_train_recommend_extends_by_the_catalog_and_says_so(
+    checkpoint: Path, catalog: pd.DataFrame, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "catalog"
+    folder.mkdir()
+    raw = pd.read_csv(DEMO_DATA / "songs.csv", dtype=str)
+    release = raw[raw["song_id"] == str(album_run(catalog)["song_id"].iloc[-1])].assign(
+        song_id=str(NEW_SONG), name="A New Release",
+        track_number=str(int(album_run(catalog)["track_number"].max()) + 1))
+    pd.concat([raw, release]).to_csv(folder / "songs.csv", index=False)
+    for table in ("albums", "artists"):
+        (folder / f"{table}.csv").write_bytes((DEMO_DATA / f"{table}.csv").read_bytes())
+    sequence = tmp_path / "sequence.csv"
+    pd.DataFrame({"pos": range(6), "song_id": album_run(catalog)["song_id"].iloc[:6]}).to_csv(
+        sequence, index=False)
+    assert train_main(["--recommend", str(checkpoint), "--sequence", str(sequence),
+                       "--catalog", str(folder), "--index", "exact"]) == 0
+    out = capsys.readouterr().out
+    assert "catalog: 1 songs" in out and "A New Release" in out
