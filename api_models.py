@@ -193,7 +193,9 @@ class SongsRequest(BaseModel):
 
     song_ids: Annotated[list[RowId], Field(min_length=1)]
     k: TopK = 10
-    exclude_seen: StrictBool = True
+    exclude_seen: StrictBool | None = Field(
+        None, description="leave out the songs already given; when omitted (or null), the "
+                          "model's default: excluded unless its training data repeats songs")
 
 
 @functools.cache

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from atomic_files import atomic_write
-from config import Config, ConfigError
+from config import Config, ConfigError, decide_exclude_seen
 from dataset import album_successors
 from model import BERT4Rec
 from preprocessing_utils import Encoders
@@ -213,6 +213,12 @@ class LoadedModel:
     encoders: Encoders
     popularity: torch.Tensor
     model_version: str
+
+    @property
+    def exclude_seen(self) -> bool:
+        """The run's train.exclude_seen decision, the default of every use of the model (a
+        config stored before the decision was resolved, ``auto``, excludes seen songs)."""
+        return decide_exclude_seen(self.config.train.exclude_seen, None)
 
 
 def load_model(

@@ -216,7 +216,8 @@ def extend_recommender(recommender: Recommender, songs: pd.DataFrame) -> Recomme
     return Recommender(model, extended,
                        extended_popularity(recommender.popularity, extended.n_song_tokens),
                        extended_version(recommender.model_version, extended), recommender.device,
-                       recommender.batch_size, recommender.index_mode, approximate=approximate)
+                       recommender.batch_size, recommender.index_mode, approximate=approximate,
+                       exclude_seen=recommender.exclude_seen)
 
 
 def read_catalog_songs(path: Path) -> pd.DataFrame:

@@ -34,6 +34,9 @@ DEVICES = ("auto", "cpu", "cuda")
 LOSSES = ("auto", "full", "sampled")
 SCHEDULES = ("plateau", "cosine")
 OBJECTIVES = ("cloze", "causal")
+EXCLUDE_SEEN = ("auto", "true", "false")
+# ``train.exclude_seen = auto`` excludes seen songs when fewer sequences than this repeat a song
+REPEAT_SHARE_LIMIT = 0.01
 
 # The local server's postgres database, used wherever DATABASE_URL is not set.
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -103,6 +106,8 @@ class TrainConfig:
     rate after ``patience`` validations without a better NDCG@10 and stops after ``halvings``
     such halvings in a row; ``cosine`` decays over ``epochs`` and stops after ``patience``.
     ``epochs`` and ``max_minutes`` (0: no limit) end any run; best.pt keeps its best epoch.
+    ``exclude_seen``: whether songs already in a sequence are left out of its ranking; ``auto``
+    decides from the training file (``decide_exclude_seen``); checkpoints carry the decision.
     """
 
     batch_size: int = 128
@@ -120,7 +125,7 @@ class TrainConfig:
     num_workers: int = 0
     device: str = "auto"
     seed: int = 42
-    exclude_seen: bool = False
+    exclude_seen: str = "auto"
     threads: int = 0
     log_every: int = 10
     loss: str = "full"
@@ -173,11 +178,7 @@ def _preset_full() -> Config:
 
 
 def _preset_demo() -> Config:
-    """A smaller model that trains on the demo data in a few CPU minutes.
-
-    Demo playlists never repeat a song, so evaluation excludes the songs already in the
-    playlist (for the model and both baselines alike), as the Recommender does by default.
-    """
+    """A smaller model that trains on the demo data in a few CPU minutes."""
     config = Config(preset="demo")
     config.data.seq_len = 32
     config.data.cloze_probability = 0.3
@@ -193,7 +194,6 @@ def _preset_demo() -> Config:
     config.train.epochs = 10
     config.train.lr = 3e-3
     config.train.patience = 10
-    config.train.exclude_seen = True
     return config
 
 
@@ -209,9 +209,24 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def decide_exclude_seen(setting: str, repeat_share: float | None) -> bool:
+    """``train.exclude_seen`` as a decision: true or false as set; ``auto`` excludes seen songs
+    when under REPEAT_SHARE_LIMIT of the sequences repeat a song, and when the share is unknown
+    (None: a training file from before preprocessing recorded it), as the Recommender used to."""
+    if setting != "auto":
+        return setting == "true"
+    return repeat_share is None or repeat_share < REPEAT_SHARE_LIMIT
+
+
 def _coerce(key: str, current: Any, value: Any) -> Any:
-    """Convert ``value`` to the type of the field it replaces, or raise naming ``key``."""
+    """Convert ``value`` to the type of the field it replaces, or raise naming ``key``.
+
+    A bool given for a text setting becomes ``true``/``false`` (configs stored when
+    ``train.exclude_seen`` was a bool still load).
+    """
     try:
+        if isinstance(current, str) and isinstance(value, bool):
+            return "true" if value else "false"
         if isinstance(current, bool):
             if isinstance(value, str):
                 lowered = value.strip().lower()
@@ -330,6 +345,8 @@ def validate(config: Config) -> None:
     _check(train.grad_clip >= 0, "train.grad_clip", "must not be negative (0 disables clipping)")
     _check(train.num_workers >= 0, "train.num_workers", "must not be negative")
     _check(train.threads >= 0, "train.threads", "must not be negative (0 keeps torch's default)")
+    _check(train.exclude_seen in EXCLUDE_SEEN, "train.exclude_seen",
+           f"must be one of {', '.join(EXCLUDE_SEEN)}")
     _check(train.device in DEVICES, "train.device", f"must be one of {', '.join(DEVICES)}")
     _check(train.loss in LOSSES, "train.loss", f"must be one of {', '.join(LOSSES)}")
     _check(train.negatives >= 1, "train.negatives", "must be positive")

@@ -8,13 +8,14 @@ most recent song, or the [MASK] whose song is to be predicted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from config import Config
+from config import Config, decide_exclude_seen
 from preprocessing_utils import (
     FEATURE_NAMES,
     FIRST_SONG_INDEX,
@@ -250,6 +251,20 @@ def load_data(data_dir: Path) -> tuple[Encoders, Sequences]:
     """
     encoders = Encoders.load(Path(data_dir) / "encoders")
     return encoders, load_training_file(data_dir, encoders.n_song_tokens, mmap=True)
+
+
+def resolve_exclude_seen(config: Config, sequences: Sequences) -> Config:
+    """A copy of ``config`` with ``train.exclude_seen`` decided for this training file (true
+    or false), which the run's checkpoints then carry; ``auto`` follows its repeat share."""
+    if config.train.exclude_seen == "auto" and sequences.repeat_share is None:
+        logging.getLogger(__name__).warning(
+            "the training file does not record how many playlists repeat a song (written "
+            "before preprocessing.py recorded it): train.exclude_seen=auto excludes seen songs, "
+            "the Recommender's default so far; re-run preprocessing.py or set "
+            "train.exclude_seen=true|false")
+    excluded = decide_exclude_seen(config.train.exclude_seen, sequences.repeat_share)
+    return replace(config, train=replace(config.train,
+                                         exclude_seen="true" if excluded else "false"))
 
 
 def split_for(config: Config, sequences: Sequences) -> Split:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from config import Config
+from config import Config, decide_exclude_seen
 from dataset import EvalSet, Playlists, Split, eval_tokens
 from model import BERT4Rec
 from preprocessing_utils import FIRST_SONG_INDEX
@@ -186,16 +186,22 @@ def evaluate_model(
     """Full-catalog metrics of the model on one evaluation set (model left in eval mode)."""
     model.eval()
     score = model_scorer(model, config.data.seq_len, device)
-    return evaluate_scores(score, eval_set, config.train.eval_batch_size, config.train.exclude_seen)
+    return evaluate_scores(score, eval_set, config.train.eval_batch_size,
+                           decide_exclude_seen(config.train.exclude_seen, None))
 
 
 def evaluate_split(
     model: BERT4Rec, split: Split, config: Config, device: torch.device, which: str = "test",
     exclude_seen: bool | None = None,
 ) -> dict[str, Any]:
-    """Model, MostPopular and Transition metrics on the same evaluation set of ``split``."""
+    """Model, MostPopular and Transition metrics on the same evaluation set of ``split``.
+
+    ``exclude_seen`` (None: the config's decision, a checkpoint's resolved one) applies to all
+    three alike.
+    """
     eval_set = split.test if which == "test" else split.validation
-    exclude = config.train.exclude_seen if exclude_seen is None else exclude_seen
+    exclude = (decide_exclude_seen(config.train.exclude_seen, None) if exclude_seen is None
+               else exclude_seen)
     popularity = split.popularity(model.n_song_tokens)
     batch = config.train.eval_batch_size
     model.eval()

@@ -309,8 +309,10 @@ def worker_command() -> None:
 @with_appcontext
 @click.option("--k", type=click.IntRange(1, MAX_K), default=10, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1, 10_000), default=256, show_default=True)
-@click.option("--include-seen", is_flag=True, help="Allow songs already in the playlist.")
-def score_all_command(k: int, batch_size: int, include_seen: bool) -> None:
+@click.option("--include-seen/--exclude-seen", default=None,
+              help="Allow songs already in the playlist, or not (default: the model's "
+                   "decision, from its training data).")
+def score_all_command(k: int, batch_size: int, include_seen: bool | None) -> None:
     """Store recommendations for every playlist, in batches, with a progress bar."""
     from tqdm import tqdm
 
@@ -321,7 +323,8 @@ def score_all_command(k: int, batch_size: int, include_seen: bool) -> None:
     with tqdm(total=database.run(db.count_playlists), unit="playlist") as progress:
         while playlists := database.run(functools.partial(db.playlists_page, after=after,
                                                           limit=batch_size)):
-            rankings = workers.score_playlists(model, playlists, k=k, exclude_seen=not include_seen)
+            exclude = None if include_seen is None else not include_seen
+            rankings = workers.score_playlists(model, playlists, k=k, exclude_seen=exclude)
             database.run(functools.partial(jobs.store_rankings, rankings=rankings,
                                            model_version=model.model_version))
             after = playlists[-1][0]

@@ -40,7 +40,14 @@ from psycopg2.extensions import connection as Connection
 
 import db
 from atomic_files import replace_folder
-from config import BUILD_DIR, DEFAULT_DATABASE_URL, DEMO_DATA_DIR, default_database_url
+from config import (
+    BUILD_DIR,
+    DEFAULT_DATABASE_URL,
+    DEMO_DATA_DIR,
+    REPEAT_SHARE_LIMIT,
+    decide_exclude_seen,
+    default_database_url,
+)
 from csv_tables import DEFAULT_CHUNK_ROWS, read_csv_playlists, read_csv_songs, read_names_table
 from preprocessing_utils import (
     SONG_COLUMNS,
@@ -49,6 +56,7 @@ from preprocessing_utils import (
     Encoders,
     Sequences,
     count_feature_cleaning,
+    repeat_share,
     save_training_file,
 )
 
@@ -288,9 +296,11 @@ def preprocess(
     else:
         raise DataError(f"unknown source {source!r} (use csv or postgres)")
     encoders, sequences, report = build_sequences(data, encoders)
+    share = repeat_share(sequences.offsets, sequences.songs)
 
     def write(folder: Path) -> None:
-        save_training_file(folder, sequences.playlist_ids, sequences.offsets, sequences.songs)
+        save_training_file(folder, sequences.playlist_ids, sequences.offsets, sequences.songs,
+                           share)
         encoders.save(folder / ENCODERS_SUBDIR)
 
     replace_folder(out_dir, write)
@@ -308,6 +318,8 @@ def preprocess(
         "n_features": encoders.n_features,
         "playlist_length": {"min": int(lengths.min()), "median": float(np.median(lengths)),
                             "max": int(lengths.max())},
+        "repeat_share": share,
+        "exclude_seen_default": decide_exclude_seen("auto", share),
         "encoders": f"loaded from {encoders_dir}" if encoders_dir is not None else "fitted",
         "encoders_fingerprint": encoders.fingerprint,
         "training_file": str(training_path),
@@ -333,6 +345,12 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         "playlist length: min {min}, median {median:g}, max {max}".format(
             **summary["playlist_length"]),
     ]
+    excluded = summary["exclude_seen_default"]
+    lines.append(
+        f"playlists repeating a song: {summary['repeat_share']:.2%}, "
+        f"{'under' if excluded else 'at least'} {REPEAT_SHARE_LIMIT:.0%}: by default songs "
+        f"already in a playlist are {'excluded from' if excluded else 'kept in'} its "
+        f"recommendations and evaluation (train.exclude_seen=true|false overrides)")
     cleaning = summary.get("feature_cleaning")
     if cleaning is not None:
         applied = ", ".join(f"{rule} {count}" for rule, count in cleaning.items()) or "none"

@@ -506,11 +506,16 @@ def _index_column(ids: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class Sequences:
-    """Playlists as CSR arrays: playlist p is songs[offsets[p]:offsets[p + 1]], in order."""
+    """Playlists as CSR arrays: playlist p is songs[offsets[p]:offsets[p + 1]], in order.
+
+    ``repeat_share``: the share of playlists holding some song more than once, as the training
+    file records it (None: a file written before it was recorded, or no file).
+    """
 
     playlist_ids: np.ndarray
     offsets: np.ndarray
     songs: np.ndarray
+    repeat_share: float | None = None
 
     def __len__(self) -> int:
         """Number of playlists."""
@@ -543,16 +548,38 @@ class Sequences:
             raise DataError("invalid training file: " + "; ".join(problems))
 
 
+def repeat_share(offsets: np.ndarray, songs: np.ndarray, chunk_rows: int = 1 << 22) -> float:
+    """Share of the CSR sequences that hold some song more than once, from sorted
+    (sequence, song) keys of about ``chunk_rows`` rows at a time (bounded temporaries)."""
+    count, repeating, start = len(offsets) - 1, 0, 0
+    while start < count:
+        stop = int(np.searchsorted(offsets, offsets[start] + chunk_rows, side="right")) - 1
+        stop = min(count, max(start + 1, stop))
+        chunk = np.asarray(songs[offsets[start]:offsets[stop]], dtype=np.int64)
+        rows = np.repeat(np.arange(stop - start, dtype=np.int64), np.diff(offsets[start:stop + 1]))
+        width = int(chunk.max()) + 1
+        keys = np.sort(rows * width + chunk)
+        repeated = keys[1:][keys[1:] == keys[:-1]] // width
+        repeating += len(np.unique(repeated))
+        start = stop
+    return repeating / count if count else 0.0
+
+
 def save_training_file(
-    folder: Path, playlist_ids: np.ndarray, offsets: np.ndarray, songs: np.ndarray
+    folder: Path, playlist_ids: np.ndarray, offsets: np.ndarray, songs: np.ndarray,
+    share: float | None = None,
 ) -> Path:
-    """Validate and atomically write folder/training.npz (byte-deterministic); returns its path."""
+    """Validate and atomically write folder/training.npz (byte-deterministic); returns its path.
+    It records ``share`` (default: computed), which ``train.exclude_seen = auto`` decides by."""
     sequences = Sequences(np.asarray(playlist_ids, dtype=np.int64),
                           np.asarray(offsets, dtype=np.int64), np.asarray(songs, dtype=np.int64))
     sequences.validate()
+    if share is None:
+        share = repeat_share(sequences.offsets, sequences.songs)
     path = Path(folder) / TRAINING_NPZ
     write_npz(path, {"playlist_ids": sequences.playlist_ids, "offsets": sequences.offsets,
-                     "songs": sequences.songs})
+                     "songs": sequences.songs,
+                     "repeat_share": np.asarray(share, dtype=np.float64)})
     return path
 
 
@@ -560,6 +587,8 @@ def load_training_file(
     folder: Path, n_song_tokens: int | None = None, mmap: bool = False
 ) -> Sequences:
     """Read and validate folder/training.npz (optionally against the encoders' song count).
+
+    A file without ``repeat_share`` (written before it was recorded) loads with None.
 
     ``mmap`` maps the arrays copy-on-write instead of reading them (fast at millions of rows,
     pages shared between processes); the validation still reads them once.
@@ -571,6 +600,10 @@ def load_training_file(
     missing = [name for name in ("playlist_ids", "offsets", "songs") if name not in arrays]
     if missing:
         raise DataError(f"{path}: missing array {missing[0]!r}")
-    sequences = Sequences(arrays["playlist_ids"], arrays["offsets"], arrays["songs"])
+    share = arrays.get("repeat_share")
+    if share is not None and (share.shape != () or not 0 <= float(share) <= 1):
+        raise DataError(f"{path}: repeat_share must be one number in [0, 1]")
+    sequences = Sequences(arrays["playlist_ids"], arrays["offsets"], arrays["songs"],
+                          None if share is None else float(share))
     sequences.validate(n_song_tokens)
     return sequences

@@ -79,10 +79,12 @@ class Recommender:
         self, model: BERT4Rec, encoders: Encoders, popularity: torch.Tensor, model_version: str,
         device: str | torch.device = "cpu", batch_size: int = 256, index: str = "auto",
         checkpoint: Path | None = None, approximate: ApproximateScorer | None = None,
+        exclude_seen: bool = True,
     ) -> None:
         """``index``: exact, approximate or auto (see retrieval.py); ``checkpoint``: the file
         the model came from, beside which the approximate index is saved and checked;
-        ``approximate``: a ready scorer of this model (a catalog extension's, cold_start.py)."""
+        ``approximate``: a ready scorer of this model (a catalog extension's, cold_start.py);
+        ``exclude_seen``: the default of ``recommend`` (a checkpoint's decision)."""
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.index_mode = resolve_index_mode(index, encoders.n_songs)
@@ -99,6 +101,7 @@ class Recommender:
         self.popularity[:FIRST_SONG_INDEX] = -1.0
         self.model_version = model_version
         self.batch_size = batch_size
+        self.exclude_seen = exclude_seen
 
     @property
     def n_songs(self) -> int:
@@ -116,17 +119,19 @@ class Recommender:
         """
         loaded = load_model(path, device=device)
         return cls(loaded.model, loaded.encoders, loaded.popularity, loaded.model_version, device,
-                   index=index, checkpoint=Path(path))
+                   index=index, checkpoint=Path(path), exclude_seen=loaded.exclude_seen)
 
     def recommend(
-        self, playlists: Sequence[Sequence[int]], k: int = 10, exclude_seen: bool = True
+        self, playlists: Sequence[Sequence[int]], k: int = 10, exclude_seen: bool | None = None
     ) -> list[Recommendation]:
-        """Top-k songs to follow each playlist (catalog ids, best first, softmax scores).
+        """Top-k songs to follow each playlist (catalog ids, best first, softmax scores);
+        ``exclude_seen`` None: the checkpoint's decision (``self.exclude_seen``).
 
         NonFiniteScores when the model's score of any song for any playlist is NaN or infinite.
         """
         if k < 1:
             raise ValueError("k must be at least 1")
+        exclude = self.exclude_seen if exclude_seen is None else exclude_seen
         encoded, unknown = [], []
         for playlist in playlists:
             ids = np.asarray(list(playlist), dtype=np.int64)
@@ -143,7 +148,7 @@ class Recommender:
             for start in range(0, len(known), self.batch_size):
                 chunk = known[start : start + self.batch_size]
                 for index, result in zip(chunk, self._score([encoded[i] for i in chunk], k,
-                                                            exclude_seen), strict=True):
+                                                            exclude), strict=True):
                     if result is None:
                         non_finite.append(index)
                     else:

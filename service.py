@@ -347,13 +347,15 @@ class RecommendationService:
             self._ensure_catalog(CATALOG_RETRY_SECONDS)
         return reason
 
-    def recommend_songs(self, song_ids: list[int], k: int, exclude_seen: bool) -> SongsAnswer:
-        """The synchronous answer for a list of catalog song ids (no database)."""
+    def recommend_songs(self, song_ids: list[int], k: int,
+                        exclude_seen: bool | None = None) -> SongsAnswer:
+        """The synchronous answer for a list of catalog song ids (no database); ``exclude_seen``
+        None (the client did not say): the model's default, decided from its training data."""
         model = self.require_model()
+        exclude = workers.default_exclude_seen(model) if exclude_seen is None else exclude_seen
         try:
-            result = model.recommend([song_ids], k=k, exclude_seen=exclude_seen)[0]
-            ranking = workers.ranked(0, result,
-                                     workers.candidate_count(model, song_ids, exclude_seen))
+            result = model.recommend([song_ids], k=k, exclude_seen=exclude)[0]
+            ranking = workers.ranked(0, result, workers.candidate_count(model, song_ids, exclude))
         except Exception as error:
             from recommender import NonFiniteScores
 

@@ -45,7 +45,7 @@ from config import (
     add_config_arguments,
     config_from_args,
 )
-from dataset import Split, TrainBatches, load_data, split_for
+from dataset import Split, TrainBatches, load_data, resolve_exclude_seen, split_for
 from distributed import (
     NoWriter,
     World,
@@ -179,6 +179,7 @@ def prepare_run(config: Config) -> Run:
     config = replace(config, train=replace(config.train, loss=loss))
     if loss == "full":
         keep_freed_memory()
+    config = resolve_exclude_seen(config, sequences)
     split = split_for(config, sequences)
     torch.manual_seed(config.train.seed)
     model = build_model(config, encoders).to(device)
@@ -455,7 +456,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="evaluate a checkpoint and the baselines on --data")
     parser.add_argument("--split", choices=("test", "validation"), default="test")
     parser.add_argument("--exclude-seen", action=argparse.BooleanOptionalAction, default=None,
-                        help="drop songs already in the playlist from the ranking")
+                        help="drop songs already in the playlist from the ranking (default: "
+                             "the checkpoint's train.exclude_seen, decided from its data)")
     parser.add_argument("--recommend", type=Path, metavar="CHECKPOINT",
                         help="print the next songs of --sequence")
     parser.add_argument("--sequence", type=Path, help="CSV with columns pos,song_id")
@@ -481,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             recommender = with_catalog(
                 Recommender.from_checkpoint(args.recommend, index=args.index), args.catalog)
             result = recommender.recommend([sequence], k=args.k,
-                                           exclude_seen=args.exclude_seen is not False)[0]
+                                           exclude_seen=args.exclude_seen)[0]
             print(f"model {recommender.model_version}")
             print_recommendations(sequence, result, args.catalog)
             return 0

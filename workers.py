@@ -108,11 +108,20 @@ def candidate_count(scorer: Scorer, playlist: Sequence[int], exclude_seen: bool)
     return n_songs - len(set(playlist)) if exclude_seen else n_songs
 
 
+def default_exclude_seen(scorer: Scorer) -> bool:
+    """Whether ``scorer`` leaves seen songs out unless told: its checkpoint's decision
+    (Recommender.exclude_seen), or True for a scorer that does not say, as test doubles may not."""
+    value = getattr(scorer, "exclude_seen", True)
+    return value if isinstance(value, bool) else True
+
+
 def score_playlists(scorer: Scorer, playlists: Sequence[tuple[int, list[int]]], k: int,
-                    exclude_seen: bool = True) -> list[Ranked]:
-    """Score several playlists in one model call; UnusableAnswer if any answer is unusable."""
-    results = scorer.recommend([songs for _, songs in playlists], k=k, exclude_seen=exclude_seen)
-    return [ranked(playlist_id, result, candidate_count(scorer, songs, exclude_seen))
+                    exclude_seen: bool | None = None) -> list[Ranked]:
+    """Score several playlists in one model call; UnusableAnswer if any answer is unusable.
+    ``exclude_seen`` None: the scorer's default."""
+    exclude = default_exclude_seen(scorer) if exclude_seen is None else exclude_seen
+    results = scorer.recommend([songs for _, songs in playlists], k=k, exclude_seen=exclude)
+    return [ranked(playlist_id, result, candidate_count(scorer, songs, exclude))
             for (playlist_id, songs), result in zip(playlists, results, strict=True)]
 
 
@@ -263,10 +272,11 @@ class QueueWorkers:
         for job in claimed:
             if job.playlist_id in playlists:
                 by_k.setdefault(job.k, []).append(job)
+        exclude = default_exclude_seen(self.recommender)
         for k, group in by_k.items():
             try:
                 results = self.recommender.recommend(
-                    [playlists[job.playlist_id] for job in group], k=k, exclude_seen=True)
+                    [playlists[job.playlist_id] for job in group], k=k, exclude_seen=exclude)
             except Exception as error:
                 log.exception("model failed on a batch of %d jobs", len(group))
                 reason = f"model error: {type(error).__name__}: {first_line(error)}"
@@ -276,7 +286,7 @@ class QueueWorkers:
                 songs = playlists[job.playlist_id]
                 try:
                     finished.append((job, ranked(job.playlist_id, result, candidate_count(
-                        self.recommender, songs, exclude_seen=True))))
+                        self.recommender, songs, exclude))))
                 except UnusableAnswer as error:
                     # the same model gives the same answer again: fail now, keep what is stored
                     log.error("job %d (playlist %d) failed: %s", job.job_id, job.playlist_id,
