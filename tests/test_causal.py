@@ -104,7 +104,8 @@ def test_a_causal_model_trains_evaluates_and_serves(
     assert results["model"]["hr@10"] > results["most_popular"]["hr@10"]
     recommender = Recommender.from_checkpoint(run / "best.pt")
     assert recommender.model.causal
-    result = recommender.recommend([[int(SONG_IDS[3]), int(SONG_IDS[4])]], k=3)[0]
+    result = recommender.recommend([[int(SONG_IDS[3]), int(SONG_IDS[4])]], k=3,
+                                   exclude_seen=True)[0]
     assert len(result.song_ids) == 3 and int(SONG_IDS[4]) not in result.song_ids
 
 

@@ -100,7 +100,8 @@ def test_variants_train_and_serve(
     summary = train(tiny_config(data_dir, tmp_path, **{"train.epochs": 1}, **variant),
                     progress=False)
     assert summary["epochs"] == 1
-    result = Recommender.from_checkpoint(tmp_path / "best.pt").recommend([[5000]], k=3)[0]
+    result = Recommender.from_checkpoint(tmp_path / "best.pt").recommend([[5000]], k=3,
+                                                                         exclude_seen=True)[0]
     assert len(result.song_ids) == 3 and 5000 not in result.song_ids
 
 
