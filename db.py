@@ -373,8 +373,10 @@ def create_schema(connection: Connection) -> None:
         cursor.execute(sql_text("schema"))
 
 
-def init_database(dsn: str, refresh_trigger: bool = False) -> None:
-    """Create the tables (sql/schema.sql) and the service's function (sql/service.sql)."""
+def init_database(dsn: str, refresh_trigger: bool = False, catalog_trigger: bool = False
+                  ) -> None:
+    """Create the tables (sql/schema.sql) and the service's function (sql/service.sql), and
+    the optional triggers asked for."""
     connection = connect(dsn)
     try:
         create_schema(connection)
@@ -382,6 +384,8 @@ def init_database(dsn: str, refresh_trigger: bool = False) -> None:
             cursor.execute(sql_text("service"))
             if refresh_trigger:
                 cursor.execute(sql_text("refresh_trigger"))
+            if catalog_trigger:
+                cursor.execute(sql_text("catalog_trigger"))
         connection.commit()
     finally:
         connection.close()

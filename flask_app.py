@@ -5,7 +5,7 @@ once, the OpenAPI document generated from them by flask-openapi3), auth, errors 
 request_recommendations(42)`` does the same from SQL); ``POST /recommendations`` answers a list
 of song ids directly, without the database. Run it with ``make serve`` (gunicorn, see
 gunicorn.conf.py) or ``flask --app flask_app run``; the CLI commands are ``init-db``,
-``load-demo``, ``worker``, ``score-all`` and ``prune-jobs``.
+``load-demo``, ``worker``, ``score-all``, ``prune-jobs`` and ``refresh-catalog``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from pydantic import BaseModel
 from werkzeug.exceptions import HTTPException
 
+import catalog_refresh
 import db
 import jobs
 import workers
@@ -267,9 +268,13 @@ def _model_for_cli(current: RecommendationService) -> workers.Scorer:
 @with_appcontext
 @click.option("--refresh-trigger", is_flag=True,
               help="Also install sql/refresh_trigger.sql (enqueue on playlist changes).")
-def init_db_command(refresh_trigger: bool) -> None:
+@click.option("--catalog-trigger", is_flag=True,
+              help="Also install sql/catalog_trigger.sql (refresh the service's catalog when "
+                   "songs are inserted).")
+def init_db_command(refresh_trigger: bool, catalog_trigger: bool) -> None:
     """Create the tables and the request_recommendations() function."""
-    db.init_database(service().settings.database_url, refresh_trigger=refresh_trigger)
+    db.init_database(service().settings.database_url, refresh_trigger=refresh_trigger,
+                     catalog_trigger=catalog_trigger)
     click.echo("Initialized the database.")
 
 
@@ -363,6 +368,38 @@ def prune_jobs_command(days: float, batch_size: int) -> None:
     click.echo(f"Deleted {deleted} jobs that ended more than {days:g} days ago.")
 
 
+@click.command("refresh-catalog")
+@with_appcontext
+@click.option("--full", is_flag=True,
+              help="Read the whole songs table, not only the ids above those already read "
+                   "(for songs inserted with lower ids while the catalog trigger was off).")
+@click.option("--wait", "seconds", type=click.FloatRange(0, 600), default=10.0,
+              show_default=True, callback=_not_nan,
+              help="How long to wait for the service processes' reports.")
+def refresh_catalog_command(full: bool, seconds: float) -> None:
+    """Make every running service process add the catalog's new songs to its model."""
+    try:
+        report = catalog_refresh.request_refresh(service().settings, full, seconds)
+    except psycopg2.Error as error:
+        raise click.ClickException(f"database unavailable: {db.one_line(error)}") from None
+    highest = "none" if report.highest is None else f"{report.highest}"
+    click.echo(f"Catalog: {report.songs} songs (highest song_id {highest}). Asked the service to "
+               f"refresh {'in full' if full else 'from the songs it has not read'}.")
+    for reply in report.replies:
+        where = f"{reply.get('host')}:{reply.get('pid')}"
+        if reply.get("outcome") == "failed":
+            click.echo(f"  {where} failed, still serving its model: {reply.get('error')}")
+        else:
+            click.echo(f"  {where} {reply.get('outcome')}: {reply.get('added')} songs added, "
+                       f"{reply.get('songs')} served, in {reply.get('seconds')} s")
+    if not report.replies:
+        click.echo(f"No service process answered within {seconds:g} s: none runs on this "
+                   "database (each one reads the catalog when it starts).")
+    elif any(reply.get("outcome") == "failed" for reply in report.replies):
+        raise click.ClickException("a refresh failed (see above; the process retries every "
+                                   f"{catalog_refresh.RETRY_SECONDS:g} s)")
+
+
 # -- application factory ------------------------------------------------------------------------
 
 
@@ -395,6 +432,6 @@ def create_app(settings: Settings | None = None,
     for kind, handler in handlers.items():
         app.register_error_handler(kind, handler)
     for command in (init_db_command, load_demo_command, worker_command, score_all_command,
-                    prune_jobs_command):
+                    prune_jobs_command, refresh_catalog_command):
         app.cli.add_command(command)
     return app

@@ -28,7 +28,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,14 +128,20 @@ def read_postgres_source(connection: Connection, itersize: int = DEFAULT_ITERSIZ
                     values.extend(column)
     if filled != total:
         raise DataError(f"playlist_songs changed while reading ({filled} of {total} rows)")
-    songs = None
-    if columns[0]:
-        songs = pd.DataFrame({"song_id": np.asarray(columns[0], dtype=np.int64),
-                              "album_id": pd.array(columns[1], dtype="Int64"),
-                              "artist_id": pd.array(columns[2], dtype="Int64")})
-        for name, values in zip(SONG_COLUMNS[3:], columns[3:], strict=True):
-            songs[name] = np.asarray(values, dtype=np.float64)
+    songs = songs_frame(columns) if columns[0] else None
     return SourceData(playlist_ids, positions, song_ids, songs)
+
+
+def songs_frame(columns: Sequence[Sequence[object]]) -> pd.DataFrame:
+    """The songs catalog from the value lists of songs.sql's columns (SONG_COLUMNS), typed as
+    the CSV reader types them: int64 song ids, nullable album and artist ids, float64 features
+    (NaN for NULL)."""
+    songs = pd.DataFrame({"song_id": np.asarray(columns[0], dtype=np.int64),
+                          "album_id": pd.array(columns[1], dtype="Int64"),
+                          "artist_id": pd.array(columns[2], dtype="Int64")})
+    for name, values in zip(SONG_COLUMNS[3:], columns[3:], strict=True):
+        songs[name] = np.asarray(values, dtype=np.float64)
+    return songs
 
 
 def read_catalog_names(source: Path | Connection) -> pd.DataFrame:

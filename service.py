@@ -14,21 +14,21 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import psycopg2
 from prometheus_client import Gauge
 
+import catalog_refresh
 import jobs
 import workers
+from catalog_names import CatalogNames, NameRow
 from config import Settings
 from db import (
     Database,
@@ -54,63 +54,16 @@ NAMES_WAIT_SECONDS = 2.0
 MODEL_INFO = Gauge("b4mr_model_info", "1 for the model version this process serves.",
                    ["model_version"], multiprocess_mode="max")
 
-Names = tuple[str | None, str | None, str | None]
-
 
 class ModelUnavailable(RuntimeError):
     """No model is loaded, so nothing can be scored."""
 
 
-class CatalogNames:
-    """Song, artist and album names by catalog song id, packed into numpy arrays.
-
-    At 2.26M songs a dict of str tuples takes ~750 MB in every worker; packed, each name is
-    its UTF-8 bytes in one buffer per field plus an offset, and a lookup is a binary search.
-    """
-
-    def __init__(self, rows: Iterable[tuple[Any, Any, Any, Any]]) -> None:
-        """Pack (song_id, song, artist, album) rows; a missing name (None, empty, NaN) stays
-        None."""
-        ids: list[int] = []
-        fields: tuple[list[bytes | None], ...] = ([], [], [])
-        for song_id, *names in rows:
-            ids.append(int(song_id))
-            for column, name in zip(fields, names, strict=True):
-                text = _text(name)
-                column.append(None if text is None else text.encode())
-        order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
-        self.song_ids = np.asarray(ids, dtype=np.int64)[order]
-        self._blobs: list[bytes] = []
-        self._offsets: list[np.ndarray] = []
-        self._missing: list[np.ndarray] = []
-        for column in fields:
-            packed = [column[index] for index in order]
-            lengths = np.fromiter((len(name or b"") for name in packed), np.int64, len(packed))
-            self._offsets.append(np.concatenate([[0], np.cumsum(lengths)]))
-            self._missing.append(np.fromiter((name is None for name in packed), bool,
-                                             len(packed)))
-            self._blobs.append(b"".join(name for name in packed if name))
-
-    def __len__(self) -> int:
-        """Number of songs with names."""
-        return len(self.song_ids)
-
-    def get(self, song_id: int) -> Names:
-        """(song, artist, album) of a song, (None, None, None) when it has no entry."""
-        position = int(np.searchsorted(self.song_ids, song_id))
-        if position == len(self.song_ids) or self.song_ids[position] != song_id:
-            return None, None, None
-        names = [None if missing[position] else
-                 blob[int(offsets[position]):int(offsets[position + 1])].decode()
-                 for blob, offsets, missing in zip(self._blobs, self._offsets, self._missing,
-                                                   strict=True)]
-        return names[0], names[1], names[2]
-
-
 @dataclass(frozen=True)
 class PreloadedModel:
     """The outcome of loading the model in the gunicorn master: the recommender or the reason
-    there is none, for the checkpoint and index mode it was loaded with, by process ``pid``."""
+    there is none, for the checkpoint and index mode it was loaded with, by process ``pid``,
+    and the highest catalog song id its vocabulary was extended to (None: not read)."""
 
     model_path: Path
     index: str
@@ -118,6 +71,7 @@ class PreloadedModel:
     error: str | None
     pid: int
     threads: int
+    catalog_watermark: int | None
 
 
 _preloaded: PreloadedModel | None = None
@@ -150,8 +104,9 @@ def preload_model(settings: Settings) -> None:
     thread during the load, so no OpenMP thread pool exists yet to be lost in the fork; each
     worker sets its thread count back in ``after_fork``. The objects made so far are moved
     out of the garbage collector's reach (``gc.freeze``) so that collections in the workers
-    do not write to, and so copy, the pages they share. A failed load is remembered with its
-    reason, which the workers then report on /ready.
+    do not write to, and so copy, the pages they share. The vocabulary is extended here with
+    the catalog songs the checkpoint lacks (catalog_refresh.py), so the workers share that too.
+    A failed load is remembered with its reason, which the workers then report on /ready.
     """
     global _preloaded
     import torch
@@ -161,11 +116,18 @@ def preload_model(settings: Settings) -> None:
     _preloaded = None
     started = time.perf_counter()
     recommender, error = load_recommender(settings)
-    _preloaded = PreloadedModel(settings.model_path, settings.recommender_index, recommender,
-                                error, os.getpid(), threads)
+    watermark = None
     if recommender is not None:
         log.info("loaded model %s in %.1f s before forking the workers (pid %d)",
                  recommender.model_version, time.perf_counter() - started, os.getpid())
+    if recommender is not None and catalog_refresh.extendable(recommender):
+        install_wait_deadlines()
+        try:
+            recommender, watermark = catalog_refresh.extend_at_start(recommender, settings)
+        finally:
+            remove_wait_deadlines()
+    _preloaded = PreloadedModel(settings.model_path, settings.recommender_index, recommender,
+                                error, os.getpid(), threads, watermark)
     gc.collect()
     gc.freeze()
 
@@ -229,19 +191,25 @@ class RecommendationService:
         self._catalog_started = 0.0
         self._names_wait_until = 0.0
         self._catalog_done: threading.Event | None = None
+        self._learned_names: list[NameRow] = []
         self._model_lock = threading.Lock()
         self._catalog_lock = threading.Lock()
+        self._swap_lock = threading.Lock()
         self._model_tried = False
         self._deadlines_installed = False
         preloaded = _preloaded
+        watermark = None
         if recommender is None and preloaded is not None and (
                 preloaded.model_path, preloaded.index) == (settings.model_path,
                                                            settings.recommender_index):
             recommender, self.model_error = preloaded.recommender, preloaded.error
             self._model_tried = True
+            watermark = preloaded.catalog_watermark
             if recommender is not None:
                 log.info("serving model %s loaded before the fork by process %d (pid %d)",
                          recommender.model_version, preloaded.pid, os.getpid())
+        self.refresher = catalog_refresh.CatalogRefresher(self.database, self.refresh_catalog,
+                                                          watermark)
         if recommender is not None:
             self._serve(recommender)
             self._model_tried = True
@@ -266,10 +234,33 @@ class RecommendationService:
             self._model_tried = True
 
     def _serve(self, recommender: Scorer) -> None:
-        """Serve ``recommender``: set the version gauge and build the queue workers on it."""
+        """Serve ``recommender``: set the version gauge and build the queue workers on it
+        (their LISTEN thread hands catalog notifications to the refresher)."""
         MODEL_INFO.labels(recommender.model_version).set(1)
-        self.workers = QueueWorkers(self.settings, self.database, recommender)
+        extendable = catalog_refresh.extendable(recommender)
+        self.workers = QueueWorkers(self.settings, self.database, recommender,
+                                    self.refresher.request if extendable else None)
         self.recommender = recommender
+
+    def refresh_catalog(self, after: int | None) -> catalog_refresh.Extension:
+        """Extend the served recommender with the catalog songs above ``after`` it lacks and
+        swap it in: names first, then the one reference every request and batch reads once,
+        so each uses the old or the new model whole. Raises (nothing swapped) on failure."""
+        with self._swap_lock:
+            current = self.require_model()
+            if not catalog_refresh.extendable(current):
+                raise catalog_refresh.RefreshError("this model cannot be extended")
+            extension = catalog_refresh.extend_from_database(current, self.settings, after)
+            if extension.recommender is not current:
+                with self._catalog_lock:
+                    self._learned_names.extend(extension.names)
+                    self.catalog = self.catalog.plus(extension.names)
+                if self.workers is not None:
+                    self.workers.recommender = extension.recommender
+                self.recommender = extension.recommender
+                MODEL_INFO.labels(current.model_version).set(0)
+                MODEL_INFO.labels(extension.recommender.model_version).set(1)
+            return extension
 
     def require_model(self) -> Scorer:
         """The recommender (loaded on first need), or ModelUnavailable with the reason."""
@@ -315,8 +306,10 @@ class RecommendationService:
                     options = connection_options(self.database.dsn, self.settings, seconds)
                     with connected(self.database.dsn, **options) as connection:
                         rows = catalog_names(connection)
-            self.catalog = CatalogNames(rows)
+            loaded = CatalogNames(rows)
             del rows
+            with self._catalog_lock:
+                self.catalog = loaded.plus(self._learned_names)
             log.info("cached names of %d songs", len(self.catalog))
         except Exception as error:
             log.warning("catalog names not loaded (%s); answers carry ids only",
@@ -331,7 +324,8 @@ class RecommendationService:
         done = self._ensure_catalog(CATALOG_RETRY_SECONDS)
         if wait is None or wait > 0:
             done.wait(wait)
-        return [RankedSong(rank, int(song_id), float(score), *self.catalog.get(int(song_id)))
+        catalog = self.catalog
+        return [RankedSong(rank, int(song_id), float(score), *catalog.get(int(song_id)))
                 for rank, (song_id, score) in enumerate(zip(song_ids, scores, strict=True),
                                                         start=1)]
 
@@ -417,19 +411,16 @@ class RecommendationService:
             log.warning("queue workers not started: %s", self.model_error)
             return
         self.workers.start()
+        if catalog_refresh.extendable(self.recommender):
+            self.refresher.start()
 
     def stop_workers(self, timeout: float | None = None) -> bool:
         """Stop this process's queue workers and lift the deadlines start_workers installed;
         True when every worker ended in time."""
         stopped = True if self.workers is None else self.workers.stop(timeout)
+        self.refresher.stop(self.settings.shutdown_seconds if timeout is None else timeout)
         if self._deadlines_installed:
             remove_wait_deadlines()
             self._deadlines_installed = False
         return stopped
 
-
-def _text(value: Any) -> str | None:
-    """A name as text, None for missing values (None, empty, or NaN from pandas)."""
-    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return str(value)

@@ -24,6 +24,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import cursor as Cursor
 
+from catalog_refresh import CATALOG_CHANNEL
+from catalog_refresh import listen as listen_catalog
 from config import Settings
 from db import (
     DATABASE_ERRORS,
@@ -160,11 +162,15 @@ Finished = list[tuple[ClaimedJob, Ranked]]
 class QueueWorkers:
     """A bounded pool of threads that claim, score and store jobs, plus one LISTEN thread."""
 
-    def __init__(self, settings: Settings, database: Database, scorer: Scorer) -> None:
-        """Prepare the threads; ``start`` launches them."""
+    def __init__(self, settings: Settings, database: Database, scorer: Scorer,
+                 on_catalog: Callable[[str], None] | None = None) -> None:
+        """Prepare the threads; ``start`` launches them. ``recommender`` may be replaced while
+        they run (a catalog refresh): each batch scores and stores with the one it read first.
+        ``on_catalog`` gets the payload of each catalog refresh request (catalog_refresh.py)."""
         self.settings = settings
         self.database = database
         self.recommender = scorer
+        self.on_catalog = on_catalog
         self._stopping = threading.Event()
         self._wake = WakeUp()
         self._threads: list[threading.Thread] = []
@@ -243,8 +249,9 @@ class QueueWorkers:
             lambda cursor: read_playlists(cursor, ids)))
         if playlists is None:
             return len(claimed)
-        finished, failures = self._score(claimed, playlists)
-        self._until(deadline, lambda: self._store(finished, failures))
+        scorer = self.recommender
+        finished, failures = self._score(scorer, claimed, playlists)
+        self._until(deadline, lambda: self._store(scorer, finished, failures))
         JOB_BATCH_SECONDS.observe(time.monotonic() - started)
         return len(claimed)
 
@@ -262,7 +269,7 @@ class QueueWorkers:
                 log.warning("database unavailable while holding jobs (%s); retrying", error)
                 time.sleep(min(backoff.next(), max(0.0, deadline - time.monotonic())))
 
-    def _score(self, claimed: list[ClaimedJob], playlists: dict[int, list[int]],
+    def _score(self, scorer: Scorer, claimed: list[ClaimedJob], playlists: dict[int, list[int]],
                ) -> tuple[Finished, list[Failure]]:
         """Score every job whose playlist exists, one model call per distinct k."""
         finished: Finished = []
@@ -272,10 +279,10 @@ class QueueWorkers:
         for job in claimed:
             if job.playlist_id in playlists:
                 by_k.setdefault(job.k, []).append(job)
-        exclude = default_exclude_seen(self.recommender)
+        exclude = default_exclude_seen(scorer)
         for k, group in by_k.items():
             try:
-                results = self.recommender.recommend(
+                results = scorer.recommend(
                     [playlists[job.playlist_id] for job in group], k=k, exclude_seen=exclude)
             except Exception as error:
                 log.exception("model failed on a batch of %d jobs", len(group))
@@ -286,7 +293,7 @@ class QueueWorkers:
                 songs = playlists[job.playlist_id]
                 try:
                     finished.append((job, ranked(job.playlist_id, result, candidate_count(
-                        self.recommender, songs, exclude))))
+                        scorer, songs, exclude))))
                 except UnusableAnswer as error:
                     # the same model gives the same answer again: fail now, keep what is stored
                     log.error("job %d (playlist %d) failed: %s", job.job_id, job.playlist_id,
@@ -294,10 +301,12 @@ class QueueWorkers:
                     failures.append(Failure(job, f"model error: {error}", permanent=True))
         return finished, failures
 
-    def _store(self, finished: Finished, failures: list[Failure]) -> None:
-        """Store results and failures in one transaction; job by job if a row is refused."""
+    def _store(self, scorer: Scorer, finished: Finished, failures: list[Failure]) -> None:
+        """Store results (as ``scorer``'s) and failures in one transaction; job by job if a
+        row is refused."""
         def write(items: Finished, failed: list[Failure], retries: int = 0) -> dict[str, int]:
-            return self.database.run(lambda cursor: self._write(cursor, items, failed), retries)
+            return self.database.run(
+                lambda cursor: self._write(cursor, scorer.model_version, items, failed), retries)
 
         try:
             outcomes = write(finished, failures)
@@ -316,14 +325,14 @@ class QueueWorkers:
         for outcome, count in outcomes.items():
             JOB_OUTCOMES.labels(outcome).inc(count)
 
-    def _write(self, cursor: Cursor, finished: Finished,
+    def _write(self, cursor: Cursor, model_version: str, finished: Finished,
                failures: list[Failure]) -> dict[str, int]:
         """Mark owned jobs done with their results, record failures; return outcome counts."""
         outcomes: dict[str, int] = {}
         if finished:
             owned = complete(cursor, [job for job, _ in finished])
             store_rankings(cursor, [ranking for job, ranking in finished if job.job_id in owned],
-                           self.recommender.model_version)
+                           model_version)
             outcomes["done"] = len(owned)
             outcomes["lost_lease"] = len(finished) - len(owned)
         if failures:
@@ -352,8 +361,12 @@ class QueueWorkers:
                     connection.autocommit = True
                     with connection.cursor() as cursor:
                         listen(cursor)
+                        if self.on_catalog is not None:
+                            listen_catalog(cursor)
                 backoff.reset()
                 self._wake.notify()
+                if self.on_catalog is not None:
+                    self.on_catalog("")  # catch up on requests sent while not listening
                 self._listen_on(connection)
             except DATABASE_ERRORS as error:
                 log.warning("LISTEN connection lost (%s); reconnecting", first_line(error))
@@ -374,13 +387,19 @@ class QueueWorkers:
                 log.warning("reclaimed %d jobs whose lease expired", len(reclaimed))
                 JOB_OUTCOMES.labels("reclaimed").inc(len(reclaimed))
                 self._wake.notify()
-            readable, _, _ = select.select([connection], [], [],
-                                           min(self.settings.poll_seconds, 0.5))
-            if readable:
+            # notifications that came in with the reclaim's answer are read already, so the
+            # socket is not readable for them: handle them before waiting
+            if not connection.notifies and select.select(
+                    [connection], [], [], min(self.settings.poll_seconds, 0.5))[0]:
                 connection.poll()
-                if connection.notifies:
-                    connection.notifies.clear()
-                    self._wake.notify()
+            if connection.notifies:
+                catalog = [note.payload for note in connection.notifies
+                           if note.channel == CATALOG_CHANNEL]
+                connection.notifies.clear()
+                self._wake.notify()
+                for payload in catalog:
+                    if self.on_catalog is not None:
+                        self.on_catalog(payload)
 
 
 def _merge(total: dict[str, int], part: dict[str, int]) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service import CatalogNames
+from catalog_names import CatalogNames
 
 
 def test_packed_names_read_back_by_id_with_missing_ones_none() -> None:
