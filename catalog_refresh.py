@@ -153,7 +153,6 @@ def extend_from_database(recommender: Recommender, settings: Settings,
     """Read the catalog songs above ``after`` that ``recommender`` lacks (one snapshot, on a
     connection of its own, within DB_CATALOG_TIMEOUT_SECONDS) and extend it with them."""
     from cold_start import extend_recommender
-
     from preprocessing import songs_frame
 
     seconds = settings.db_catalog_timeout_seconds
