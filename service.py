@@ -238,6 +238,8 @@ class RecommendationService:
         (their LISTEN thread hands catalog notifications to the refresher)."""
         MODEL_INFO.labels(recommender.model_version).set(1)
         extendable = catalog_refresh.extendable(recommender)
+        if extendable:
+            catalog_refresh.CATALOG_SONGS.set(recommender.n_songs)
         self.workers = QueueWorkers(self.settings, self.database, recommender,
                                     self.refresher.request if extendable else None)
         self.recommender = recommender

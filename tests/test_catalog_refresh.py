@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -13,7 +15,14 @@ from pathlib import Path
 
 import pytest
 from psycopg2.extensions import make_dsn, parse_dsn
-from service_support import TcpProxy, execute, reset_queue, wait_until
+from service_support import (
+    REPO_ROOT,
+    ServiceProcess,
+    TcpProxy,
+    execute,
+    reset_queue,
+    wait_until,
+)
 
 import catalog_refresh
 import db
@@ -119,9 +128,14 @@ def test_cli_refresh_makes_a_new_song_of_an_album_an_input_and_a_recommendation(
 
     with_new = answer(client, [*album[1:], new])
     assert with_new["unknown_song_ids"] == []
-    ranked = {item["song_id"]: item for item in answer(client, album)["recommendations"]}
-    assert new in ranked, "the new song is not in the top-100 of a playlist of its album-mates"
-    assert ranked[new]["song"] == "New Release 0"
+    top = {item["song_id"]: item for item in answer(client, album, k=10)["recommendations"]}
+    assert new in top, "the new song is not in the top-10 of a playlist of its album-mates"
+    assert top[new]["song"] == "New Release 0"
+    # ... for its album and artist: a playlist of another artist's songs does not get it
+    other = execute(demo_dsn, "SELECT array_agg(song_id) FROM (SELECT song_id FROM songs "
+                              "WHERE artist_id <> (SELECT artist_id FROM songs WHERE song_id = "
+                              "%s) ORDER BY song_id LIMIT 5) AS other", (new,))[0][0]
+    assert new not in {item["song_id"] for item in answer(client, other)["recommendations"]}
 
 
 def test_trigger_refreshes_once_per_statement_and_jobs_use_the_new_model(
@@ -235,3 +249,67 @@ def test_cli_says_when_no_service_process_answers(make_app) -> None:
     assert result.exit_code == 0, result.output
     assert "No service process answered within 0.5 s" in result.output
     assert re.search(r"Catalog: \d+ songs \(highest song_id \d+\)", result.output)
+
+
+@pytest.mark.slow
+def test_gunicorn_workers_share_the_start_extension_and_all_refresh_on_insert(
+        demo_dsn: str, checkpoint: Path, tmp_path: Path) -> None:
+    reset_queue(demo_dsn)
+    db.init_database(demo_dsn, catalog_trigger=True)
+    album = biggest_album(demo_dsn)
+    [before_start] = add_songs(demo_dsn, like=album[0])
+    service = ServiceProcess({
+        "DATABASE_URL": demo_dsn, "MODEL_PATH": str(checkpoint), "WORKERS": "2",
+        "THREADS": "4", "JOB_THREADS": "1", "TORCH_THREADS": "1", "API_TOKEN": "",
+        "CATALOG_DIR": "", "LOG_LEVEL": "info"}, tmp_path / "service.log")
+    try:
+        service.start()
+        wait_until(lambda: metric(service, "b4mr_catalog_refreshes_total",
+                                  'outcome="unchanged"') >= 2, timeout=60,
+                   message="both workers' first refresh")
+        assert "catalog read before the fork: 1 songs added" in service.log_path.read_text()
+        done = threading.Event()
+
+        def ask() -> list[tuple[int, int]]:
+            outcomes = []
+            while not done.is_set():
+                status, body = service.request("POST", "/recommendations",
+                                               {"song_ids": [*album, before_start], "k": 10})
+                outcomes.append((status, len(body["unknown_song_ids"])))
+            return outcomes
+
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(ask) for _ in range(4)]
+            added = add_songs(demo_dsn, like=album[1], count=2)
+            wait_until(lambda: metric(service, "b4mr_catalog_refreshes_total",
+                                      'outcome="extended"') == 2, timeout=30,
+                       message="both workers' refresh after the insert")
+            done.set()
+            outcomes = [outcome for future in futures for outcome in future.result()]
+        assert outcomes and set(outcomes) == {(200, 0)}
+        for _ in range(6):
+            status, body = service.request("POST", "/recommendations",
+                                           {"song_ids": added, "k": 10})
+            assert status == 200 and body["unknown_song_ids"] == [], body
+        assert metric(service, "b4mr_catalog_songs", "") == 2 * (len(set(
+            execute(demo_dsn, "SELECT song_id FROM songs"))))
+
+        result = subprocess.run(
+            [sys.executable, "-m", "flask", "--app", "flask_app", "refresh-catalog"],
+            cwd=REPO_ROOT, env={**service.env, "PROMETHEUS_MULTIPROC_DIR": ""},
+            capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stderr
+        reports = re.findall(r":(\d+) unchanged: 0 songs added", result.stdout)
+        assert len(set(reports)) == 2, result.stdout
+    finally:
+        service.stop()
+        execute(demo_dsn, "DROP TRIGGER IF EXISTS songs_catalog_insert ON songs")
+        execute(demo_dsn, "DELETE FROM songs WHERE song_id >= 9000000")
+
+
+def metric(service: ServiceProcess, name: str, labels: str) -> float:
+    """The sum over processes of one sample of /metrics (0 when absent)."""
+    status, text = service.request("GET", "/metrics")
+    assert status == 200
+    pattern = re.compile(rf"^{name}\{{[^}}]*{re.escape(labels)}[^}}]*\}} (\S+)$", re.M)
+    return sum(float(value) for value in pattern.findall(text))

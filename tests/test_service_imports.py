@@ -1,5 +1,5 @@
-"""The service's import graph runs one way (config -> db -> jobs -> workers -> service ->
-flask_app) and serving never loads the training module."""
+"""The service's import graph runs one way (config -> db -> jobs, catalog_refresh -> workers ->
+service -> flask_app) and serving never loads the training module."""
 
 from __future__ import annotations
 
@@ -49,6 +49,9 @@ print(json.dumps({{"status": response.status_code, "body": response.json,
     ("config", ["db", "jobs", "workers", "service", "flask_app", "flask", "psycopg2"]),
     ("db", ["jobs", "workers", "service", "flask_app", "flask", "torch"]),
     ("jobs", ["workers", "service", "flask_app", "api_models", "flask", "torch"]),
+    ("catalog_names", ["db", "workers", "service", "flask_app", "flask", "torch"]),
+    ("catalog_refresh", ["workers", "service", "flask_app", "api_models", "flask", "torch",
+                         "cold_start"]),
     ("workers", ["service", "flask_app", "api_models", "flask", "torch"]),
     ("service", ["flask_app", "api_models", "flask", "torch", "train"]),
     ("api_models", ["service", "jobs", "workers", "flask_app", "torch"]),
