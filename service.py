@@ -237,11 +237,11 @@ class RecommendationService:
         """Serve ``recommender``: set the version gauge and build the queue workers on it
         (their LISTEN thread hands catalog notifications to the refresher)."""
         MODEL_INFO.labels(recommender.model_version).set(1)
-        extendable = catalog_refresh.extendable(recommender)
-        if extendable:
+        on_catalog = None
+        if catalog_refresh.extendable(recommender):
             catalog_refresh.CATALOG_SONGS.set(recommender.n_songs)
-        self.workers = QueueWorkers(self.settings, self.database, recommender,
-                                    self.refresher.request if extendable else None)
+            on_catalog = self.refresher.request
+        self.workers = QueueWorkers(self.settings, self.database, recommender, on_catalog)
         self.recommender = recommender
 
     def refresh_catalog(self, after: int | None) -> catalog_refresh.Extension:
