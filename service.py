@@ -6,8 +6,11 @@ every worker serves the same pages of the scoring matrix and index, shared copy-
 database pool and the queue workers are still built in each worker after the fork. Without a
 preload (``flask run``, the CLI) each process loads the model itself on first need.
 
+The served model is replaced whole by a catalog refresh (``refresh_catalog``, run by
+catalog_refresh.CatalogRefresher): every request and job batch reads it once.
+
 Kept apart from flask_app.py so that the routes read as HTTP only and this state reads as one
-object with its locks; it runs no SQL itself (db.py and jobs.py do).
+object with its locks; it runs no SQL itself (db.py, jobs.py and catalog_refresh.py do).
 """
 
 from __future__ import annotations
