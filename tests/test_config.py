@@ -18,7 +18,8 @@ def test_full_preset_is_the_original_design() -> None:
     assert (data.seq_len, data.cloze_probability, data.train_share) == (32, 0.25, 0.9)
     model = full.model
     assert (model.d_song, model.d_album, model.d_artist, model.d_ff) == (64, 32, 32, 512)
-    assert (model.n_layers, model.n_heads, model.dropout, model.d_model) == (3, 2, 0.1, 128)
+    assert (model.n_layers, model.n_heads, model.dropout, model.d_model) == (3, 2, 0.2, 128)
+    assert (full.train.schedule, full.train.loss, model.objective) == ("plateau", "auto", "causal")
 
 
 @pytest.mark.parametrize("suffix", [".json", ".toml", ".yaml"])
