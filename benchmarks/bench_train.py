@@ -53,11 +53,13 @@ def random_playlists(args: argparse.Namespace, count: int, seed: int = 0) -> Pla
 
 
 def build(args: argparse.Namespace, original: bool = False) -> tuple[BERT4Rec, object]:
-    """The preset's model at the requested vocabulary sizes, with random side tables.
+    """The preset's model at the requested vocabulary sizes, with random side tables, under
+    the cloze objective that the batches below and the original design train.
 
     ``original``: with the original design's separate output layer instead of the tied head.
     """
-    overrides = [f"data.seq_len={args.seq_len}"] + (["model.tie_head=false"] if original else [])
+    overrides = [f"data.seq_len={args.seq_len}", "model.objective=cloze"]
+    overrides += ["model.tie_head=false"] if original else []
     config = load_config(args.preset, overrides=overrides)
     tokens = args.songs + FIRST_SONG_INDEX
     model = BERT4Rec(config.model, tokens, args.albums + 1, args.artists + 1, args.features,
