@@ -209,6 +209,14 @@ def test_a_failed_refresh_keeps_the_old_model_serving(make_app, demo_dsn: str,
     [new] = add_songs(demo_dsn, like=album[0])
     client = app.test_client()
 
+    # the database hangs: the refresh gives up at DB_CATALOG_TIMEOUT_SECONDS, nothing changes
+    failed = refreshes("failed")
+    proxy.freeze()
+    service.refresher.request("")
+    wait_until(lambda: refreshes("failed") > failed, timeout=20, message="a refresh given up")
+    assert service.require_model() is model
+    proxy.thaw()
+
     # the database goes away: the refresh fails, the model in service stays
     failed = refreshes("failed")
     proxy.cut()
