@@ -304,7 +304,8 @@ def test_gunicorn_workers_share_the_start_extension_and_all_refresh_on_insert(
 
         result = subprocess.run(
             [sys.executable, "-m", "flask", "--app", "flask_app", "refresh-catalog"],
-            cwd=REPO_ROOT, env={**service.env, "PROMETHEUS_MULTIPROC_DIR": ""},
+            cwd=REPO_ROOT, env={name: value for name, value in service.env.items()
+                 if name != "PROMETHEUS_MULTIPROC_DIR"},
             capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 0, result.stderr
         reports = re.findall(r":(\d+) unchanged: 0 songs added", result.stdout)
