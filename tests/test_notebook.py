@@ -56,3 +56,6 @@ def test_notebook_runs_and_recommends_ten_catalog_songs(
     assert table["song_id"].isin(catalog["song_id"]).all()
     assert not table["song_id"].isin(sequence["song_id"]).any()
     assert table["song"].str.len().gt(0).all()
+    # the new release added to the catalog DataFrame is in the top-10 without retraining
+    release = pd.read_csv(tmp_path / "new_release.csv")
+    assert len(release) == 10 and (~release["song_id"].isin(catalog["song_id"])).sum() == 1
