@@ -149,7 +149,8 @@ def _new_album_rows(model: BERT4Rec, extended: Encoders) -> torch.Tensor:
 
 def extend_model(model: BERT4Rec, extended: Encoders) -> BERT4Rec:
     """A new network for ``extended`` (``model``'s encoders with rows appended); ``model`` is
-    left as it is. Each big table is copied once, into its extended size."""
+    left as it is. Each big table is copied once, into its extended size; the new network
+    holds its own tensors (nothing shared with the one in-flight requests use)."""
     added = extended.n_song_tokens - model.n_song_tokens
     trained = model.state_dict()
     state: dict[str, torch.Tensor] = {}
@@ -182,9 +183,10 @@ def extend_model(model: BERT4Rec, extended: Encoders) -> BERT4Rec:
             state["song_successor"] = torch.from_numpy(album_successors(extended))
     state.update({name: tensor.detach().clone() for name, tensor in trained.items()
                   if name not in state})
-    with torch.device("meta"):
-        network = BERT4Rec(model.config, extended.n_song_tokens, extended.n_album_tokens,
-                           extended.n_artist_tokens, extended.n_features, model.seq_len)
+    # built on the CPU: its random tables are dropped at once (the meta device would skip
+    # them but imports torch._dynamo on first use, 3.5 s)
+    network = BERT4Rec(model.config, extended.n_song_tokens, extended.n_album_tokens,
+                       extended.n_artist_tokens, extended.n_features, model.seq_len)
     network.load_state_dict(state, assign=True)
     return network.to(model.song_embedding.weight.device).eval()
 

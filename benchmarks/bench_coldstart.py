@@ -44,7 +44,8 @@ from config import load_config  # noqa: E402
 from csv_tables import read_csv_songs  # noqa: E402
 from dataset import EvalSet, Playlists  # noqa: E402
 from evaluation import evaluate_scores, model_scorer  # noqa: E402
-from preprocessing_utils import FEATURE_NAMES, Encoders  # noqa: E402
+from model import BERT4Rec  # noqa: E402
+from preprocessing_utils import FEATURE_NAMES, FIRST_SONG_INDEX, Encoders  # noqa: E402
 from train import train  # noqa: E402
 
 KEYS = ("hr@10", "ndcg@10", "mrr")
@@ -167,12 +168,34 @@ def run_one(folder: Path, seed: int, dropout: float, args: argparse.Namespace) -
     return run_dir / "best.pt"
 
 
-def evaluate(checkpoint: Path, folder: Path) -> dict[str, dict[str, float]]:
-    """Cold and warm metrics of a checkpoint after extending it by the dataset's catalog."""
+def set_new_bias(model: BERT4Rec, known: int, how: str) -> None:
+    """Give the songs from token ``known`` on another output bias than cold_start's: ``min``
+    (the least played song's) or ``album`` (the mean of the album's known songs, where it has
+    any), the alternatives the mean bias of a model trained without song dropout is against."""
+    bias = model.head_bias.data
+    new = torch.arange(known, len(bias))
+    if how == "min":
+        bias[new] = bias[FIRST_SONG_INDEX:known].min()
+        return
+    album = model.song_album
+    trained = torch.arange(FIRST_SONG_INDEX, known)
+    sums = torch.zeros(model.n_album_tokens).index_add_(0, album[trained], bias[trained])
+    counts = torch.bincount(album[trained], minlength=model.n_album_tokens)
+    has = new[(counts[album[new]] > 0) & (album[new] != 0)]
+    bias[has] = sums[album[has]] / counts[album[has]]
+
+
+def evaluate(
+    checkpoint: Path, folder: Path, bias: str | None = None
+) -> dict[str, dict[str, float]]:
+    """Cold and warm metrics of a checkpoint after extending it by the dataset's catalog
+    (``bias``: see set_new_bias)."""
     loaded = load_model(checkpoint)
     catalog = read_csv_songs(folder / "tables" / "songs.csv")
     encoders = extend_encoders(loaded.encoders, catalog)
     model = extend_model(loaded.model, encoders)
+    if bias is not None:
+        set_new_bias(model, loaded.model.n_song_tokens, bias)
     scorer = model_scorer(model, loaded.config.data.seq_len, torch.device("cpu"))
     return {name: evaluate_scores(scorer, eval_set, 256, exclude_seen=True)
             for name, eval_set in eval_sets(folder, encoders).items()}
@@ -215,18 +238,19 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    variants = {"model": args.song_dropout, "no_dropout": 0.0}
-    variants.update({f"dropout_{value}": float(value)
-                     for value in args.sweep.split(",") if value})
+    variants: list[tuple[str, float, str | None]] = [
+        ("model", args.song_dropout, None), ("no_dropout", 0.0, None),
+        ("no_dropout_min_bias", 0.0, "min"), ("no_dropout_album_bias", 0.0, "album"),
+        *((f"dropout_{value}", float(value), None) for value in args.sweep.split(",") if value)]
     collected: dict[str, dict[str, list[dict[str, float]]]] = {"cold": {}, "warm": {}}
     sizes: dict[str, list[int]] = {"cold": [], "warm": []}
     for dataset in (int(value) for value in args.datasets.split(",")):
         folder = make_dataset(dataset, args.root)
         for seed in (int(value) for value in args.seeds.split(",")):
             run: dict[str, Any] = {"dataset": dataset, "seed": seed}
-            for name, dropout in variants.items():
+            for name, dropout, bias in variants:
                 checkpoint = run_one(folder, seed, dropout, args)
-                for part, metrics in evaluate(checkpoint, folder).items():
+                for part, metrics in evaluate(checkpoint, folder, bias).items():
                     collected[part].setdefault(name, []).append(metrics)
                     run.setdefault(part, {})[name] = {key: round(metrics[key], 4) for key in KEYS}
             for part, found in baselines(checkpoint, folder).items():
