@@ -338,8 +338,9 @@ class BERT4Rec(nn.Module):
         if not self.tie_head:
             return self.head.weight
         vectors = self.song_embedding.weight
-        if dropped is not None:
-            vectors = torch.where(dropped[:, None], self.unknown_song, vectors)
+        if dropped is not None:  # index_put: a broadcast torch.where took 5x longer at 116k
+            rows = dropped.nonzero()[:, 0]
+            vectors = vectors.index_put((rows,), self.unknown_song.expand(len(rows), -1))
         if self.use_side:
             albums = F.embedding(self.song_album, self.album_to_song(self.album_embedding.weight))
             artists = F.embedding(self.song_artist,

@@ -206,3 +206,19 @@ def test_train_recommend_extends_by_the_catalog_and_says_so(
                        "--catalog", str(folder), "--index", "exact"]) == 0
     out = capsys.readouterr().out
     assert "catalog: 1 songs" in out and "A New Release" in out
+
+
+@pytest.mark.parametrize("objective", ["cloze", "causal"])
+def test_song_dropout_drops_the_same_songs_in_the_full_and_the_sampled_softmax(
+    objective: str,
+) -> None:
+    tokens, labels = cloze_batch()
+    losses = []
+    for sampler in (None, NegativeSampler(popularity(), 10_000, alpha=0.0)):
+        model = pointer_model(song_dropout=0.5, objective=objective).train()
+        torch.manual_seed(7)
+        losses.append(model.loss(tokens, labels, sampler).item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    torch.manual_seed(7)
+    assert pointer_model(objective=objective).train().loss(tokens, labels).item() != (
+        pytest.approx(losses[0], rel=1e-3))
