@@ -222,3 +222,14 @@ def test_song_dropout_drops_the_same_songs_in_the_full_and_the_sampled_softmax(
     torch.manual_seed(7)
     assert pointer_model(objective=objective).train().loss(tokens, labels).item() != (
         pytest.approx(losses[0], rel=1e-3))
+
+
+def test_the_extension_keeps_the_recommender_settings(
+    checkpoint: Path, catalog: pd.DataFrame
+) -> None:
+    for exclude_seen in (True, False):
+        recommender = Recommender.from_checkpoint(checkpoint, index="exact")
+        recommender.exclude_seen = exclude_seen
+        extended = extend_recommender(recommender, pd.concat([catalog, new_rows(catalog)]))
+        assert (extended.exclude_seen, extended.batch_size, extended.index_mode) == (
+            exclude_seen, recommender.batch_size, "exact")
