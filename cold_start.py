@@ -6,8 +6,10 @@
 (existing indices never change; the fingerprint chain records the base). ``extend_model``
 gives each new song the rows a model trained with song dropout learned for a song it does not
 know: its song-embedding part is the learned unknown-song row (zeros without song dropout),
-its output bias the learned unknown bias (without: the mean bias of the known songs), and the
-rest comes from its album, artist and features, in the input and in the tied head alike. A new
+its output bias the mean bias of its album's known songs (an album's popularity carries over to
+its new track; on a new album the learned unknown bias, without song dropout the mean bias:
+chosen by measurement, BENCHMARKS.md "Cold start"), and the rest comes from its album, artist
+and features, in the input and in the tied head alike. A new
 album's row is the mean of its artist's known albums' rows, else the mean album row; a new
 artist's row the mean artist row (the expected row of an artist the model knows nothing
 about). ``extend_recommender`` does both for a live Recommender and never changes it, so
@@ -147,6 +149,23 @@ def _new_album_rows(model: BERT4Rec, extended: Encoders) -> torch.Tensor:
     return rows
 
 
+def _new_song_bias(
+    bias: torch.Tensor, extended: Encoders, fallback: torch.Tensor
+) -> torch.Tensor:
+    """Output biases of the added songs: the mean bias of the known songs of each one's album,
+    ``fallback`` for a song whose album has none (a new album, or none)."""
+    known = len(bias)
+    album = torch.from_numpy(extended.song_album)
+    trained = album[FIRST_SONG_INDEX:known]
+    sums = torch.zeros(extended.n_album_tokens).index_add_(0, trained, bias[FIRST_SONG_INDEX:])
+    counts = torch.bincount(trained, minlength=extended.n_album_tokens)
+    new_albums = album[known:]
+    has = (counts[new_albums] > 0) & (new_albums != 0)
+    values = fallback.expand(len(new_albums)).clone()
+    values[has] = sums[new_albums[has]] / counts[new_albums[has]]
+    return values
+
+
 def extend_model(model: BERT4Rec, extended: Encoders) -> BERT4Rec:
     """A new network for ``extended`` (``model``'s encoders with rows appended); ``model`` is
     left as it is. Each big table is copied once, into its extended size; the new network
@@ -161,9 +180,10 @@ def extend_model(model: BERT4Rec, extended: Encoders) -> BERT4Rec:
         [model.song_embedding.weight.detach(), unknown.expand(added, -1)])
     if model.tie_head:
         known_bias = model.head_bias.detach()
-        bias = (model.unknown_bias.detach() if model.song_dropout > 0
-                else known_bias[FIRST_SONG_INDEX:].mean())
-        state["head_bias"] = torch.cat([known_bias, bias.expand(added)])
+        fallback = (model.unknown_bias.detach() if model.song_dropout > 0
+                    else known_bias[FIRST_SONG_INDEX:].mean())
+        state["head_bias"] = torch.cat([known_bias, _new_song_bias(known_bias, extended,
+                                                                   fallback)])
     else:
         for name in ("head.weight", "head.bias"):
             rows = trained[name].detach()

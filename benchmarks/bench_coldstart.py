@@ -169,20 +169,14 @@ def run_one(folder: Path, seed: int, dropout: float, args: argparse.Namespace) -
 
 
 def set_new_bias(model: BERT4Rec, known: int, how: str) -> None:
-    """Give the songs from token ``known`` on another output bias than cold_start's: ``min``
-    (the least played song's) or ``album`` (the mean of the album's known songs, where it has
-    any), the alternatives the mean bias of a model trained without song dropout is against."""
+    """Give the songs from token ``known`` on another output bias than cold_start's album
+    mean: ``min`` (the least played song's), ``mean`` (of every known song) or ``unknown``
+    (the bias song dropout learned; the mean without it), the alternatives it was chosen over."""
     bias = model.head_bias.data
-    new = torch.arange(known, len(bias))
-    if how == "min":
-        bias[new] = bias[FIRST_SONG_INDEX:known].min()
-        return
-    album = model.song_album
-    trained = torch.arange(FIRST_SONG_INDEX, known)
-    sums = torch.zeros(model.n_album_tokens).index_add_(0, album[trained], bias[trained])
-    counts = torch.bincount(album[trained], minlength=model.n_album_tokens)
-    has = new[(counts[album[new]] > 0) & (album[new] != 0)]
-    bias[has] = sums[album[has]] / counts[album[has]]
+    known_bias = bias[FIRST_SONG_INDEX:known]
+    values = {"min": known_bias.min(), "mean": known_bias.mean(),
+              "unknown": model.unknown_bias.data if model.song_dropout > 0 else known_bias.mean()}
+    bias[known:] = values[how]
 
 
 def evaluate(
@@ -238,10 +232,13 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    dropouts = [("model", args.song_dropout), ("no_dropout", 0.0),
+                *((f"dropout_{value}", float(value)) for value in args.sweep.split(",") if value)]
     variants: list[tuple[str, float, str | None]] = [
-        ("model", args.song_dropout, None), ("no_dropout", 0.0, None),
-        ("no_dropout_min_bias", 0.0, "min"), ("no_dropout_album_bias", 0.0, "album"),
-        *((f"dropout_{value}", float(value), None) for value in args.sweep.split(",") if value)]
+        *((name, dropout, None) for name, dropout in dropouts),
+        ("no_dropout_min_bias", 0.0, "min"), ("no_dropout_mean_bias", 0.0, "mean"),
+        *((f"{name}_unknown_bias", dropout, "unknown") for name, dropout in dropouts
+          if dropout > 0)]
     collected: dict[str, dict[str, list[dict[str, float]]]] = {"cold": {}, "warm": {}}
     sizes: dict[str, list[int]] = {"cold": [], "warm": []}
     for dataset in (int(value) for value in args.datasets.split(",")):

@@ -97,6 +97,9 @@ def test_new_albums_and_artists_get_rows_and_null_features_the_fitted_fill(
     torch.testing.assert_close(album_rows[albums[1]],
                                album_rows[torch.from_numpy(artist_albums)].mean(dim=0))
     torch.testing.assert_close(album_rows[albums[2]], album_rows[1: base.n_album_tokens].mean(0))
+    # a new track carries its album's popularity: the mean bias of the album's known songs
+    mates = torch.from_numpy(np.flatnonzero(base.song_album == albums[0]))
+    torch.testing.assert_close(model.head_bias[tokens[0]], model.head_bias[mates].mean())
 
 
 def test_an_extended_checkpoint_round_trips_and_its_chain_verifies(
