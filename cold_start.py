@@ -9,10 +9,10 @@ know: its song-embedding part is the learned unknown-song row (zeros without son
 its output bias the mean bias of its album's known songs (an album's popularity carries over to
 its new track; on a new album the learned unknown bias, without song dropout the mean bias:
 chosen by measurement, BENCHMARKS.md "Cold start"), and the rest comes from its album, artist
-and features, in the input and in the tied head alike. A new
-album's row is the mean of its artist's known albums' rows, else the mean album row; a new
-artist's row the mean artist row (the expected row of an artist the model knows nothing
-about). ``extend_recommender`` does both for a live Recommender and never changes it, so
+and features, in the input and in the tied head alike (an untied head gives it the mean
+row). A new album's row is the mean of its artist's known albums' rows, else the mean album
+row; a new artist's row the mean artist row (the expected row of an artist the model knows
+nothing about). ``extend_recommender`` does both for a live Recommender and never changes it, so
 in-flight requests keep the old one; ``--out`` saves the extension as a checkpoint.
 
 A known song whose album or artist differs in ``songs`` keeps its indices, album, artist and

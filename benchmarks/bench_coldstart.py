@@ -1,7 +1,7 @@
 """Cold start: songs never played in training, recommended after a catalog extension.
 
-    python benchmarks/bench_coldstart.py [--datasets 1,2,3] [--seeds 42] [--song-dropout 0.2]
-                                         [--sweep 0.1,0.4] [--threads 2] [--set key=value ...]
+    python benchmarks/bench_coldstart.py [--datasets 1,2,3] [--seeds 42] [--song-dropout 0.1]
+                                         [--sweep 0.2,0.05] [--threads 2] [--set key=value ...]
 
 Per generated dataset (``demo data/generate.py --seed N``, demo scale): 10% of the songs that
 occur in playlists are held out entirely (every playlist row of theirs removed from training,
@@ -18,8 +18,10 @@ own validation split); then the encoders and the model are extended by the whole
 Baselines on the same sets: random (its exact expectation), and content (every song ranked
 by how many input songs share its artist, then its album, ties broken by the cosine
 similarity of its sound, the scaled features other than explicit / disc / track number, to
-the input's mean). Means over
-datasets x seeds with the population standard deviation; the last line is one JSON object.
+the input's mean). Means over datasets x seeds with the population standard deviation; the
+last line is one JSON object.
+The new songs' output bias follows cold_start (their album's mean); ``*_bias`` rows report the
+alternatives (``set_new_bias``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from checkpoint import load_model  # noqa: E402
 from cold_start import extend_encoders, extend_model  # noqa: E402
-from config import load_config  # noqa: E402
+from config import PRESET_SONG_DROPOUT, load_config  # noqa: E402
 from csv_tables import read_csv_songs  # noqa: E402
 from dataset import EvalSet, Playlists  # noqa: E402
 from evaluation import evaluate_scores, model_scorer  # noqa: E402
@@ -224,7 +226,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", default="1,2,3")
     parser.add_argument("--seeds", default="42")
-    parser.add_argument("--song-dropout", type=float, default=0.2)
+    parser.add_argument("--song-dropout", type=float, default=PRESET_SONG_DROPOUT)
     parser.add_argument("--sweep", default="", help="more song_dropout values to report")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--root", type=Path, default=REPO_ROOT / "build" / "coldstart")
