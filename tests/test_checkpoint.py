@@ -165,7 +165,7 @@ def test_non_finite_weights_are_refused_on_load_naming_the_tensor(
 ) -> None:
     """Issue 15 F1: best.pt with NaN weights loaded, evaluated (all 1.0) and served."""
     checkpoint = load_checkpoint(trained / "best.pt")
-    name = next(key for key in checkpoint["model"] if key.endswith("bias"))
+    name = next(key for key in checkpoint["model"] if key.endswith(".bias"))
     checkpoint["model"][name][1] = float("nan")
     path = tmp_path / "nan.pt"
     save_unchecked(path, checkpoint, monkeypatch)
@@ -256,7 +256,7 @@ def test_a_legacy_checkpoint_is_refused_and_upgrade_re_saves_it(
     upgraded = load_model(new)
     for name, value in load_model(trained / "best.pt").model.state_dict().items():
         assert torch.equal(upgraded.model.state_dict()[name], value), name
-    name = next(key for key in state["model"] if key.endswith("bias"))
+    name = next(key for key in state["model"] if key.endswith(".bias"))
     state["model"][name][0] = float("nan")
     torch.save(state, old)
     assert checkpoint_module.main(["--upgrade", str(old), str(tmp_path / "nan.pt")]) == 2
