@@ -3,6 +3,10 @@ approximate index finds the added songs.
 
     python benchmarks/bench_extend.py [--songs 116293] [--added 1000] [--preset full]
                                       [--threads 1] [--playlists 200]
+    python benchmarks/bench_extend.py --checkpoint best.pt --catalog songs.csv
+
+With ``--checkpoint`` a trained model is extended by the songs of ``--catalog`` it lacks
+instead (e.g. a run of bench_coldstart.py, whose held-out songs are exactly those).
 
 A network of the preset's sizes with random weights and a synthetic catalog of ``--songs``
 songs (the original's album and artist counts per song) is extended by ``--added`` songs:
@@ -30,9 +34,10 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from checkpoint import build_model  # noqa: E402
+from checkpoint import build_model, load_model  # noqa: E402
 from cold_start import extend_recommender  # noqa: E402
 from config import load_config  # noqa: E402
+from csv_tables import read_csv_songs  # noqa: E402
 from preprocessing_utils import (  # noqa: E402
     FIRST_SONG_INDEX,
     NUMERIC_COLUMNS,
@@ -92,13 +97,22 @@ def main() -> None:
     parser.add_argument("--preset", default="full")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--playlists", type=int, default=200)
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--catalog", type=Path, help="songs.csv (with --checkpoint)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
-    encoders = catalog(args.songs, rng)
-    config = load_config(args.preset, overrides=["model.song_dropout=0.2"])
-    model = build_model(config, encoders).eval()
-    rows = new_songs(encoders, args.added, rng)
+    if args.checkpoint is not None:
+        loaded = load_model(args.checkpoint)
+        model, encoders = loaded.model, loaded.encoders
+        rows = read_csv_songs(args.catalog)
+        rows = rows[encoders.find_songs(rows["song_id"].to_numpy()) < 0]
+        args.songs, args.added, args.preset = encoders.n_songs, len(rows), str(args.checkpoint)
+    else:
+        encoders = catalog(args.songs, rng)
+        model = build_model(load_config(args.preset, overrides=["model.song_dropout=0.1"]),
+                            encoders).eval()
+        rows = new_songs(encoders, args.added, rng)
     result: dict[str, object] = {"songs": args.songs, "added": args.added,
                                  "preset": args.preset, "threads": args.threads}
     extended = {}
@@ -112,7 +126,7 @@ def main() -> None:
         result[f"{index}_peak_rss_growth_mb"] = round(peak_rss_mb() - before, 1)
     exact, approximate = extended["exact"], extended["approximate"]
     added_ids = set(rows["song_id"].tolist())
-    picks = rng.choice(args.added, args.playlists, replace=False)
+    picks = rng.choice(args.added, min(args.playlists, args.added), replace=False)
     tokens = exact.encoders.encode_songs(rows["song_id"].to_numpy()[picks])
     playlists = []
     for token in tokens:
