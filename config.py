@@ -46,7 +46,7 @@ MAX_K = 100
 
 
 # both presets' model.song_dropout: on held-out songs it raised cold-target HR@10 at no
-# warm-target cost (BENCHMARKS.md, "Cold start")
+# warm-target cost (BENCHMARKS.md, "Cold start"; measured with the demo preset)
 PRESET_SONG_DROPOUT = 0.1
 
 
@@ -76,7 +76,8 @@ class ModelConfig:
     ``song_dropout``: in training, the share of song embeddings (input positions, and each
     song's in the tied head per step) replaced by a learned unknown-song row, so the album,
     artist and feature parts learn to score songs never played (cold_start.py). 0 here, so a
-    checkpoint saved before the setting existed loads as the network it was.
+    checkpoint saved before the setting existed loads as the network it was. Without side
+    features it does nothing.
     """
 
     d_song: int = 64

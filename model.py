@@ -172,7 +172,8 @@ class BERT4Rec(nn.Module):
         )
         song_width = config.d_song if self.use_side else d_model
         self.song_embedding = nn.Embedding(n_song_tokens, song_width, padding_idx=PAD_INDEX)
-        self.song_dropout = config.song_dropout
+        # without side parts nothing can stand in for a dropped song: dropout would only hurt
+        self.song_dropout = config.song_dropout if self.use_side else 0.0
         if self.song_dropout > 0:
             self.unknown_song = nn.Parameter(torch.zeros(song_width))
             if config.tie_head:
