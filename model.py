@@ -172,12 +172,6 @@ class BERT4Rec(nn.Module):
         )
         song_width = config.d_song if self.use_side else d_model
         self.song_embedding = nn.Embedding(n_song_tokens, song_width, padding_idx=PAD_INDEX)
-        # without side parts nothing can stand in for a dropped song: dropout would only hurt
-        self.song_dropout = config.song_dropout if self.use_side else 0.0
-        if self.song_dropout > 0:
-            self.unknown_song = nn.Parameter(torch.zeros(song_width))
-            if config.tie_head:
-                self.unknown_bias = nn.Parameter(torch.zeros(()))
         if self.use_side:
             self.album_embedding = nn.Embedding(n_album_tokens, config.d_album, padding_idx=0)
             self.artist_embedding = nn.Embedding(n_artist_tokens, config.d_artist, padding_idx=0)
@@ -217,6 +211,13 @@ class BERT4Rec(nn.Module):
             self.successor_query = nn.Linear(d_model, d_model)
             self.pointer_gate = nn.Linear(d_model, 3)
             self.register_buffer("song_successor", torch.zeros(n_song_tokens, dtype=torch.long))
+        # without side parts nothing can stand in for a dropped song: dropout would only hurt;
+        # registered last, so the parameters of a network without them keep their order
+        self.song_dropout = config.song_dropout if self.use_side else 0.0
+        if self.song_dropout > 0:
+            self.unknown_song = nn.Parameter(torch.zeros(song_width))
+            if config.tie_head:
+                self.unknown_bias = nn.Parameter(torch.zeros(()))
         self.apply(self._init_weights)
         if self.side_pointer:
             nn.init.constant_(self.pointer_gate.bias, 5.0)
