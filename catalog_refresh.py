@@ -169,9 +169,6 @@ def extend_from_database(recommender: Recommender, settings: Settings,
     width = len(rows[0]) - 3
     songs = songs_frame([[row[column] for row in rows] for column in range(width)])
     extended = extend_recommender(recommender, songs)
-    # the checkpoint's exclude-seen decision goes with the model (the extension builds a new
-    # Recommender, which would otherwise take the default)
-    extended.exclude_seen = recommender.exclude_seen
     check_extension(recommender, extended, songs["song_id"].to_numpy())
     names = [(row[0], *row[width:]) for row in rows]
     return Extension(extended, names, extended.n_songs - recommender.n_songs, watermark)
