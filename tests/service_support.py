@@ -14,10 +14,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import psycopg2
+
+from config import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO_ROOT / "demo data"
@@ -60,6 +63,14 @@ def tiny_checkpoint(folder: Path) -> Path:
                     "--run-dir", str(folder / "run"), "--seed", "1", "--quiet", *overrides],
                    cwd=REPO_ROOT, check=True, capture_output=True)
     return checkpoint
+
+
+def settings_for(dsn: str, checkpoint: Path, **changes) -> Settings:
+    """Test settings: fast polling and retries."""
+    base = replace(Settings.from_env({}), database_url=dsn, model_path=checkpoint,
+                   poll_seconds=0.1, retry_base_seconds=0.05, lease_seconds=30,
+                   job_threads=2, db_connect_timeout=2)
+    return replace(base, **changes)
 
 
 def prepare_database(dsn: str) -> None:

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,13 +20,13 @@ from service_support import (
     TcpProxy,
     execute,
     reset_queue,
+    settings_for,
     wait_until,
 )
 
 import catalog_refresh
 import db
 import flask_app
-from config import Settings
 from flask_app import create_app
 from service import RecommendationService
 
@@ -47,10 +46,7 @@ def make_app(demo_dsn: str, checkpoint: Path):
     reset_queue(demo_dsn)
 
     def build(dsn: str | None = None, **changes):
-        settings = replace(Settings.from_env({}), database_url=dsn or demo_dsn,
-                           model_path=checkpoint, poll_seconds=0.1, retry_base_seconds=0.05,
-                           db_connect_timeout=2, job_threads=2, **changes)
-        app = create_app(settings)
+        app = create_app(settings_for(dsn or demo_dsn, checkpoint, **changes))
         apps.append(app)
         return app
 
@@ -104,12 +100,18 @@ def served(app) -> RecommendationService:
     return app.extensions[EXTENSION]
 
 
-def test_cli_refresh_makes_a_new_song_of_an_album_an_input_and_a_recommendation(
-        make_app, demo_dsn: str) -> None:
-    app = make_app()
+def started(app) -> RecommendationService:
+    """The service object of ``app``, its workers started and its first refresh done."""
     service = served(app)
     service.start_workers()
     wait_until(lambda: service.refresher.watermark, timeout=30, message="the first refresh")
+    return service
+
+
+def test_cli_refresh_makes_a_new_song_of_an_album_an_input_and_a_recommendation(
+        make_app, demo_dsn: str) -> None:
+    app = make_app()
+    service = started(app)
     album = biggest_album(demo_dsn)
     before = service.require_model()
     client = app.test_client()
@@ -142,9 +144,7 @@ def test_trigger_refreshes_once_per_statement_and_jobs_use_the_new_model(
         make_app, demo_dsn: str) -> None:
     db.init_database(demo_dsn, catalog_trigger=True)
     app = make_app()
-    service = served(app)
-    service.start_workers()
-    wait_until(lambda: service.refresher.watermark, timeout=30, message="the first refresh")
+    started(app)
     extended = refreshes("extended")
     album = biggest_album(demo_dsn)
     added = add_songs(demo_dsn, like=album[0], count=3, nulls=True)
@@ -168,9 +168,7 @@ def test_trigger_refreshes_once_per_statement_and_jobs_use_the_new_model(
 def test_refreshes_under_load_lose_no_request(make_app, demo_dsn: str) -> None:
     db.init_database(demo_dsn, catalog_trigger=True)
     app = make_app()
-    service = served(app)
-    service.start_workers()
-    wait_until(lambda: service.refresher.watermark, timeout=30, message="the first refresh")
+    service = started(app)
     album = biggest_album(demo_dsn)
     done = threading.Event()
 
@@ -201,9 +199,7 @@ def test_a_failed_refresh_keeps_the_old_model_serving(make_app, demo_dsn: str,
     proxy = TcpProxy(parts.get("host", "127.0.0.1"), int(parts.get("port", 5432))).start()
     app = make_app(dsn=make_dsn(demo_dsn, host="127.0.0.1", port=proxy.port),
                    db_catalog_timeout_seconds=3.0)
-    service = served(app)
-    service.start_workers()
-    wait_until(lambda: service.refresher.watermark, timeout=30, message="the first refresh")
+    service = started(app)
     model = service.require_model()
     album = biggest_album(demo_dsn)
     [new] = add_songs(demo_dsn, like=album[0])

@@ -6,7 +6,6 @@ import logging
 import select
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +20,7 @@ from service_support import (
     execute,
     free_port,
     reset_queue,
+    settings_for,
     wait_until,
 )
 
@@ -42,14 +42,6 @@ def recommender(checkpoint: Path):
     from recommender import Recommender
 
     return Recommender.from_checkpoint(checkpoint)
-
-
-def settings_for(dsn: str, checkpoint: Path, **changes) -> Settings:
-    """Test settings: fast polling and retries."""
-    base = replace(Settings.from_env({}), database_url=dsn, model_path=checkpoint,
-                   poll_seconds=0.1, retry_base_seconds=0.05, lease_seconds=30,
-                   job_threads=2, db_connect_timeout=2)
-    return replace(base, **changes)
 
 
 @pytest.fixture
