@@ -7,30 +7,17 @@ Byte identity with the committed demo tables is checked by tests/test_demo_data.
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import psycopg2
 import pytest
+from training_support import load_generator
 
-GENERATOR = Path(__file__).resolve().parents[1] / "demo data" / "generate.py"
 FILES = ("artists", "albums", "songs", "playlists", "playlist_songs", "sequence")
 ORDER = {"artists": "artist_id", "albums": "album_id", "songs": "song_id",
          "playlists": "playlist_id", "playlist_songs": "playlist_id, pos"}
-
-
-def load_generator() -> ModuleType:
-    """Import demo data/generate.py, whose folder name is no package name."""
-    spec = importlib.util.spec_from_file_location("generate", GENERATOR)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["generate"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 generate = load_generator()

@@ -6,34 +6,19 @@ boundaries fall inside playlists; memory and time are benchmark figures, never a
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pandas as pd
 import pytest
+from training_support import load_generator
 
 import db
 import preprocessing
 from csv_tables import read_csv_playlists, read_csv_songs
 from preprocessing_utils import DataError, load_training_file, read_npz
 
-GENERATOR = Path(__file__).resolve().parents[1] / "demo data" / "generate.py"
 OUTPUT_FILES = ("training.npz", "encoders/encoders.npz", "encoders/encoders.json")
-
-
-def load_generator() -> ModuleType:
-    """demo data/generate.py as a module (its folder name is no package name)."""
-    if "generate" in sys.modules:
-        return sys.modules["generate"]
-    spec = importlib.util.spec_from_file_location("generate", GENERATOR)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["generate"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,20 @@
-"""Tiny encoders, data and configs shared by the training, checkpoint and recommender tests."""
+"""Tiny encoders, data and configs shared by the training, checkpoint and recommender tests,
+and the demo-data generator loaded as a module."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
 from config import Config, load_config
 from preprocessing_utils import FIRST_SONG_INDEX, NUMERIC_COLUMNS, Encoders, save_training_file
 
+GENERATOR = Path(__file__).resolve().parents[1] / "demo data" / "generate.py"
 N_SONGS = 30
 SONG_IDS = np.arange(5000, 5000 + 7 * N_SONGS, 7, dtype=np.int64)
 
@@ -69,3 +74,15 @@ def step_losses(run_dir: Path) -> list[float]:
     """The per-step losses logged in metrics.jsonl."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [record["loss"] for record in map(json.loads, lines) if record["type"] == "step"]
+
+
+def load_generator() -> ModuleType:
+    """demo data/generate.py as a module (its folder name is no package name)."""
+    if "generate" in sys.modules:
+        return sys.modules["generate"]
+    spec = importlib.util.spec_from_file_location("generate", GENERATOR)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["generate"] = module
+    spec.loader.exec_module(module)
+    return module
