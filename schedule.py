@@ -2,8 +2,10 @@
 
 ``plateau`` (the default) needs no guess of how long training takes: linear warm-up over
 ``warmup_steps`` steps, then the peak rate until validation NDCG@10 has not improved for
-``patience`` checks, when the rate halves; after ``halvings`` halvings without a new best,
-the next plateau stops the run. ``cosine`` is the older schedule: warm-up over
+``patience`` checks, when the rate halves; once it has halved ``halvings`` times, the next
+plateau stops the run. The halvings count in total, not in a row: on a noisy validation set
+(a thousand sequences) small new bests keep coming at a tiny rate, which would otherwise run
+to the epoch cap for nothing. ``cosine`` is the older schedule: warm-up over
 ``warmup_share`` of ``epochs`` epochs, cosine decay to 10 %, stop after ``patience`` checks.
 """
 
@@ -65,7 +67,7 @@ class Schedule:
     def validated(self, improved: bool) -> bool:
         """Record a validation check; True when training should stop."""
         if improved:
-            self.bad_checks, self.halvings = 0, 0
+            self.bad_checks = 0
             return False
         self.bad_checks += 1
         if self.bad_checks < self.train.patience:

@@ -12,14 +12,16 @@ import config
 from config import ConfigError, load_config
 
 
-def test_full_preset_is_the_original_design() -> None:
+def test_full_preset_keeps_the_original_widths_and_trains_without_an_epoch_count() -> None:
     full = load_config("full")
     data = full.data
-    assert (data.seq_len, data.cloze_probability, data.train_share) == (32, 0.25, 0.9)
+    assert (data.seq_len, data.cloze_probability, data.train_share) == (32, 0.3, 0.9)
     model = full.model
-    assert (model.d_song, model.d_album, model.d_artist, model.d_ff) == (64, 32, 32, 512)
-    assert (model.n_layers, model.n_heads, model.dropout, model.d_model) == (3, 2, 0.2, 128)
-    assert (full.train.schedule, full.train.loss, model.objective) == ("plateau", "auto", "causal")
+    assert (model.d_song, model.d_album, model.d_artist, model.d_ff) == (64, 32, 32, 256)
+    assert (model.n_layers, model.n_heads, model.dropout, model.d_model) == (2, 2, 0.1, 128)
+    train = full.train
+    assert (train.schedule, train.loss, model.objective) == ("plateau", "auto", "cloze")
+    assert (train.patience, train.halvings, train.epochs) == (8, 3, 200)
 
 
 @pytest.mark.parametrize("suffix", [".json", ".toml", ".yaml"])
