@@ -24,6 +24,12 @@ by the learned ``unknown_song`` row with that probability, and in the tied head,
 song's embedding part and bias by ``unknown_song`` and ``unknown_bias``; the album, artist and
 feature parts then learn to score a song alone, as they must for a song added after training
 (cold_start.py gives it exactly those rows).
+
+Seen bias (``seen_bias``): one learned scalar added to the score of every song the predicted
+position can see in its input (under cloze the window's songs, under causal the songs up to its
+own position), in every loss and at inference. A cloze model otherwise ranks the songs around
+[MASK] high because they resemble the target; where songs never repeat the scalar learns to
+push them down, and where they do, to pull them up.
 """
 
 from __future__ import annotations
@@ -218,6 +224,9 @@ class BERT4Rec(nn.Module):
             self.unknown_song = nn.Parameter(torch.zeros(song_width))
             if config.tie_head:
                 self.unknown_bias = nn.Parameter(torch.zeros(()))
+        self.seen_bias = config.seen_bias
+        if self.seen_bias:
+            self.seen_song_bias = nn.Parameter(torch.zeros(()))
         self.apply(self._init_weights)
         if self.side_pointer:
             nn.init.constant_(self.pointer_gate.bias, 5.0)
@@ -464,10 +473,19 @@ class BERT4Rec(nn.Module):
             rows, positions = self._labelled(masked)
             extra = self.pointer_logits(encoded, tokens, rows, hidden, positions=positions)
         x, weight, bias = self.head_parts(hidden, dropped)
+        seen = self.seen_keys(tokens, masked) if self.seen_bias else None
         if hidden.is_cuda:
             logits = F.linear(x, weight, bias).float()
-            return F.cross_entropy(logits if extra is None else logits + extra, targets)
-        return LinearCrossEntropy.apply(x, weight, bias, targets, extra)
+            logits = logits if extra is None else logits + extra
+            if seen is not None:
+                logits = logits.index_put((seen % len(targets), seen // len(targets)),
+                                          self.seen_song_bias.expand(len(seen)),
+                                          accumulate=True)
+            return F.cross_entropy(logits, targets)
+        if seen is None:
+            return LinearCrossEntropy.apply(x, weight, bias, targets, extra)
+        return LinearCrossEntropy.apply(x, weight, bias, targets, extra, None,
+                                        self.seen_song_bias, seen)
 
     def _sampled_loss(
         self, encoded: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor,
@@ -481,11 +499,45 @@ class BERT4Rec(nn.Module):
         if drop is not None:
             bias = torch.where(drop, self.unknown_bias, bias)
         logits = torch.addmm(bias, self.head_input(hidden), self.candidate_vectors(songs, drop).T)
+        if self.seen_bias:
+            logits = logits + self.seen_song_bias * self._seen_at(tokens, masked, songs)
         if self.side_pointer:
             rows, positions = self._labelled(masked)
             logits = logits.float() + self.pointer_logits(encoded, tokens, rows, hidden, songs,
                                                           positions)
         return sampled_cross_entropy(logits, songs, log_q, positive, targets)
+
+    def seen_keys(self, tokens: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """Sorted unique ``song * M + row`` of the songs each of the M labelled positions sees.
+
+        Row m is the m-th labelled position (``masked``'s order); it sees its sequence's songs
+        (not [PAD], not [MASK]), under causal only those up to its own position.
+        """
+        where = masked.nonzero()
+        songs = tokens[where[:, 0]]
+        visible = songs >= FIRST_SONG_INDEX
+        if self.causal:
+            columns = torch.arange(tokens.shape[1], device=tokens.device)
+            visible &= columns[None, :] <= where[:, 1:]
+        rows = torch.arange(len(where), device=tokens.device)[:, None]
+        return torch.unique((songs * len(where) + rows)[visible])
+
+    def _seen_at(
+        self, tokens: torch.Tensor, masked: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        """(M, C) 1.0 where labelled position m sees candidate song c (``seen_keys``), else 0."""
+        keys = self.seen_keys(tokens, masked)
+        n_rows = int(masked.sum())
+        rows, songs = keys % n_rows, keys // n_rows
+        ordered, order = candidates.sort()
+        low = torch.searchsorted(ordered, songs)
+        counts = torch.searchsorted(ordered, songs, right=True) - low
+        entry = torch.repeat_interleave(torch.arange(len(keys), device=keys.device), counts)
+        first = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+        offset = torch.arange(len(entry), device=keys.device) - first
+        seen = torch.zeros(n_rows, len(candidates), device=candidates.device)
+        seen[rows[entry], order[low[entry] + offset]] = 1.0
+        return seen
 
     def _labelled(self, masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rows of the labelled positions, and (causal only) their columns for the pointer."""
@@ -526,5 +578,8 @@ class BERT4Rec(nn.Module):
         if self.side_pointer:
             rows = torch.arange(len(tokens), device=tokens.device)
             scores = scores + self.pointer_logits(encoded, tokens, rows, encoded[:, -1]).float()
+        if self.seen_bias:  # a song twice in the input writes the same value twice
+            bias = self.seen_song_bias.float()
+            scores = scores.scatter(1, tokens, scores.gather(1, tokens) + bias)
         scores[:, :FIRST_SONG_INDEX] = float("-inf")
         return scores

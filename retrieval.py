@@ -4,7 +4,8 @@ The head scores song s for a hidden state as ``x · v_s + b_s`` (plus, with the 
 copy scores that are non-zero only for songs of the playlist's visible artists and albums and
 for their album successors). The index holds ``[v_s, b_s]`` and is queried with ``[x, 1]``, so
 its inner product is the head's score. A shortlist (k + the playlist's length + a margin) is
-retrieved, the pointer's candidates are merged in, and every candidate is re-scored exactly:
+retrieved, the pointer's candidates (and, with the seen bias, the input's songs) are merged in,
+and every candidate is re-scored exactly:
 the answer is the exact one whenever the index finds the true top non-pointer songs. The index
 is IVF-flat over L2 after the standard reduction of inner product to distance (one more
 column, sqrt(M² - |row|²), with 0 in the query), which balances its lists: chosen by
@@ -284,6 +285,8 @@ class ApproximateScorer:
             visible = batch[row][batch[row] >= FIRST_SONG_INDEX].cpu().numpy()
             if pointer is not None:
                 candidates = np.concatenate([candidates, self._pointer_candidates(visible)])
+            if model.seen_bias:  # a positive seen bias can lift a visible song into the top-k
+                candidates = np.concatenate([candidates, visible])
             candidates = np.unique(candidates)
             seen = np.unique(tokens) if exclude_seen else np.zeros(0, dtype=np.int64)
             candidates = candidates[~np.isin(candidates, seen)]
@@ -291,6 +294,9 @@ class ApproximateScorer:
             scores = self.rows[chosen] @ queries[row]
             if pointer is not None:
                 scores += self._pointer_scores(pointer, row, batch[row].cpu(), chosen)
+            if model.seen_bias:
+                seen_bias = model.seen_song_bias.detach().float().cpu()
+                scores += seen_bias * torch.from_numpy(np.isin(candidates, visible))
             log_total = self._log_normalizer(scores, queries[row], candidates, seen)
             top = scores.topk(min(k, len(scores)))
             results.append((candidates[top.indices.numpy()],

@@ -36,12 +36,18 @@ def checkpoint(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     return run_dir / "best.pt"
 
 
-def pair(data_dir: Path, side_pointer: bool) -> tuple[Recommender, Recommender]:
-    """An exact and an approximate Recommender over the same random model."""
+def pair(
+    data_dir: Path, side_pointer: bool, seen_bias: float | None = None
+) -> tuple[Recommender, Recommender]:
+    """An exact and an approximate Recommender over the same random model (with ``seen_bias``,
+    the model's seen bias set to that value)."""
     encoders = make_encoders()
     torch.manual_seed(5)
-    model = build_model(tiny_config(data_dir, data_dir, **{"model.side_pointer": side_pointer}),
-                        encoders).eval()
+    overrides = {"model.side_pointer": side_pointer, "model.seen_bias": seen_bias is not None}
+    model = build_model(tiny_config(data_dir, data_dir, **overrides), encoders).eval()
+    if seen_bias is not None:
+        with torch.no_grad():
+            model.seen_song_bias.fill_(seen_bias)
     popularity = torch.ones(encoders.n_song_tokens)
     return (Recommender(model, encoders, popularity, "test", index="exact"),
             Recommender(model, encoders, popularity, "test", index="approximate"))
@@ -75,6 +81,19 @@ def test_seen_songs_are_excluded_after_a_short_retrieval(
         found = approximate.recommend([playlist], k=3)[0]
         assert len(found.song_ids) == 3 and not set(found.song_ids) & set(playlist)
         assert found.song_ids == exact.recommend([playlist], k=3)[0].song_ids
+
+
+def test_a_positive_seen_bias_brings_the_playlists_songs_back_into_a_short_retrieval(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index knows nothing of the seen bias: the input's songs are merged into the
+    shortlist and re-scored with it, so a large bias puts them first, as in exact mode."""
+    monkeypatch.setattr(retrieval, "SHORTLIST_MARGIN", 0)
+    exact, approximate = pair(data_dir, side_pointer=False, seen_bias=50.0)
+    for playlist in PLAYLISTS:
+        found = approximate.recommend([playlist], k=3, exclude_seen=False)[0]
+        assert found.song_ids == exact.recommend([playlist], k=3, exclude_seen=False)[0].song_ids
+        assert set(found.song_ids[:len(set(playlist))]) <= set(playlist)
 
 
 def test_pointer_candidates_hold_every_song_the_pointer_scores(data_dir: Path) -> None:
