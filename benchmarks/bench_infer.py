@@ -3,12 +3,16 @@
     python benchmarks/bench_infer.py --preset full --threads 1
     python benchmarks/bench_infer.py --index approximate --songs 2262292 --threads 1
     python benchmarks/bench_infer.py --index approximate --real runs/demo/best.pt
+    python benchmarks/bench_infer.py --index approximate --real RUN/best.pt --real-data DATA \
+        --nprobe 64,128,256
 
 A model of the preset's shape at full vocabulary sizes (``--songs``; albums and artists scale
 with it as in the original catalog) with random weights; one playlist of 5..60 catalog ids per
 call, top-10 with exclude_seen, through the ``--index`` given. ``recall@10`` is the share of the
 exact top-10 that the same call finds, over the timed playlists; with ``--real CHECKPOINT``
-also over the demo data's playlists (each without its last song) for a trained model. The
+also over real playlists for a trained model: the demo data's (each without its last song), or
+with ``--real-data DIR`` (the preprocessing.py folder the checkpoint was trained on) the inputs
+of its test split, the held-out playlists without their last song, at each ``--nprobe``. The
 original design's inference is re-implemented beside it and timed in the same run, in
 alternating blocks of calls so that both see the same machine and each keeps its own data in
 cache within a block: the same encoder
@@ -33,12 +37,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from checkpoint import build_model
-from config import DEMO_DATA_DIR, load_config
+from checkpoint import build_model, load_checkpoint
+from config import DEMO_DATA_DIR, Config, load_config
+from dataset import load_data, split_for
 from model import BERT4Rec
 from preprocessing_utils import FIRST_SONG_INDEX, MASK_INDEX, NUMERIC_COLUMNS, PAD_INDEX, Encoders
 from recommender import Recommendation, Recommender
-from retrieval import INDEX_MODES
+from retrieval import INDEX_MODES, NPROBE
 
 BLOCK = 25
 WARMUP = 5
@@ -121,19 +126,43 @@ def real_playlists(limit: int) -> list[list[int]]:
     return [playlist[:-1] for playlist in ordered if len(playlist) >= 3][:limit]
 
 
-def real_recall(checkpoint: Path, index: str, k: int, limit: int) -> dict[str, float]:
-    """recall@10, score error and p50 of ``index`` against exact on the demo playlists."""
+def test_playlists(checkpoint: Path, data_dir: Path, limit: int) -> list[list[int]]:
+    """The first ``limit`` test inputs of at least 2 songs (held-out playlists without their
+    last song) of the split ``checkpoint`` was trained with on ``data_dir``, as catalog ids."""
+    encoders, sequences = load_data(data_dir)
+    config = Config.from_dict(load_checkpoint(checkpoint)["config"])
+    inputs = split_for(config, sequences).test.inputs
+    rows = (inputs.songs[inputs.offsets[row] : inputs.offsets[row + 1]]
+            for row in range(len(inputs.lengths)))
+    return [encoders.decode_songs(songs).tolist() for songs in rows if len(songs) >= 2][:limit]
+
+
+def real_recall(checkpoint: Path, index: str, k: int, playlists: list[list[int]],
+                nprobes: list[int]) -> dict[str, object]:
+    """recall@10, score error and p50 of ``index`` against exact on real ``playlists``, at
+    each of the index's ``nprobes`` (the lists each query scans)."""
     exact = Recommender.from_checkpoint(checkpoint, index="exact")
     started = time.perf_counter()
     mine = Recommender.from_checkpoint(checkpoint, index=index)
     load_seconds = time.perf_counter() - started
-    playlists = real_playlists(limit)
     truth, exact_ms = timed(exact, playlists, k)
-    found, mine_ms = timed(mine, playlists, k)
-    return {"playlists": len(playlists), "songs": mine.n_songs, "recall@10":
-            recall_at_10(found, truth), "max_score_error": score_error(found, truth),
-            "p50_ms": float(np.median(mine_ms)), "exact_p50_ms": float(np.median(exact_ms)),
-            "load_seconds": load_seconds}
+    result: dict[str, object] = {"playlists": len(playlists), "songs": mine.n_songs,
+                                 "exact_p50_ms": float(np.median(exact_ms)),
+                                 "load_seconds": load_seconds}
+    faiss_index = mine.approximate.index if mine.approximate is not None else None
+    by_nprobe = []
+    for nprobe in nprobes if faiss_index is not None else [0]:
+        if faiss_index is not None:
+            faiss_index.nprobe = min(nprobe, faiss_index.nlist)
+        found, mine_ms = timed(mine, playlists, k)
+        by_nprobe.append({"nprobe": nprobe, "recall@10": recall_at_10(found, truth),
+                          "max_score_error": score_error(found, truth),
+                          "p50_ms": float(np.median(mine_ms)),
+                          "p99_ms": float(np.percentile(mine_ms, 99))})
+    result.update(by_nprobe[0])
+    if len(by_nprobe) > 1:
+        result["by_nprobe"] = by_nprobe
+    return result
 
 
 def main() -> None:
@@ -146,7 +175,12 @@ def main() -> None:
     parser.add_argument("--artists", type=int, help="default: 12,561 per 116,293 songs")
     parser.add_argument("--index", choices=INDEX_MODES, default="exact")
     parser.add_argument("--real", type=Path, metavar="CHECKPOINT",
-                        help="also measure recall on the demo playlists with this checkpoint")
+                        help="also measure recall on real playlists with this checkpoint")
+    parser.add_argument("--real-data", type=Path, metavar="DIR",
+                        help="with --real: the test playlists of this preprocessing.py folder "
+                             "(the checkpoint's data) instead of the demo data's")
+    parser.add_argument("--nprobe", default=str(NPROBE),
+                        help="with --real: the index's nprobe values to measure, comma-separated")
     parser.add_argument("--real-playlists", type=int, default=1000)
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--k", type=int, default=10)
@@ -207,7 +241,10 @@ def main() -> None:
                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                    "read_bandwidth_gb_s": read_bandwidth_gb_s()})
     if args.real is not None:
-        result["real"] = real_recall(args.real, args.index, args.k, args.real_playlists)
+        real = (real_playlists(args.real_playlists) if args.real_data is None
+                else test_playlists(args.real, args.real_data, args.real_playlists))
+        result["real"] = real_recall(args.real, args.index, args.k, real,
+                                     [int(value) for value in args.nprobe.split(",")])
     print(json.dumps(result))
 
 

@@ -28,8 +28,10 @@ JSON object as the last line; ``--plot`` draws the saved outputs of such runs.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import http.client
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -289,15 +291,29 @@ def sync_client(port: int, bodies: list[dict[str, Any]], ready_within: float
     return exercise
 
 
-def training_figures(run_dir: Path, data: Path, summary: dict[str, Any]) -> dict[str, Any]:
-    """Steps, samples/s and the projected epoch from the run's metrics and training file."""
+def epoch_samples(data: Path) -> int:
+    """Training samples in one epoch of the ``full`` preset on the training file in ``data``."""
     from config import load_config
     from dataset import load_data, split_for
 
     config = load_config("full")
     _, sequences = load_data(data)
     train = split_for(config, sequences).train
-    epoch_samples = int(np.sum(-(-train.lengths // config.data.seq_len)))
+    return int(np.sum(-(-train.lengths // config.data.seq_len)))
+
+
+def training_figures(run_dir: Path, data: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """Steps, samples/s and the projected epoch from the run's metrics and training file.
+
+    The epoch is counted in a spawned process: a child's peak RSS (``os.wait4``) starts from
+    its parent's peak at its exec, so this process must never hold the training data.
+    """
+    from config import load_config
+
+    config = load_config("full")
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        samples_per_epoch = pool.submit(epoch_samples, data).result()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [record for record in records if record["type"] == "epoch"]
     samples = np.diff([0] + [epoch["step"] for epoch in epochs]) * config.train.batch_size
@@ -305,9 +321,9 @@ def training_figures(run_dir: Path, data: Path, summary: dict[str, Any]) -> dict
                         for count, epoch in zip(samples, epochs, strict=True))
     samples_per_s = float(samples.sum() / train_seconds)
     return {"epochs": len(epochs), "steps": summary["steps"], "samples": int(samples.sum()),
-            "samples_per_s": round(samples_per_s, 1), "epoch_samples": epoch_samples,
-            "epoch_share": round(float(samples.sum()) / epoch_samples, 3),
-            "projected_epoch_minutes": round(epoch_samples / samples_per_s / 60, 1),
+            "samples_per_s": round(samples_per_s, 1), "epoch_samples": samples_per_epoch,
+            "epoch_share": round(float(samples.sum()) / samples_per_epoch, 3),
+            "projected_epoch_minutes": round(samples_per_epoch / samples_per_s / 60, 1),
             "validation_seconds": round(sum(epoch["seconds"] for epoch in epochs)
                                         - train_seconds, 1),
             "val_ndcg@10": round(float(epochs[-1]["val_ndcg@10"]), 4),
