@@ -19,7 +19,7 @@ def test_full_preset_keeps_the_original_widths_and_trains_without_an_epoch_count
     model = full.model
     assert (model.d_song, model.d_album, model.d_artist, model.d_ff) == (64, 32, 32, 256)
     assert (model.n_layers, model.n_heads, model.dropout, model.d_model) == (2, 2, 0.1, 128)
-    assert model.seen_bias and not load_config("demo").model.seen_bias
+    assert model.seen_bias and load_config("demo").model.seen_bias
     train = full.train
     assert (train.schedule, train.loss, model.objective) == ("plateau", "auto", "cloze")
     assert (train.patience, train.halvings, train.epochs) == (8, 3, 200)
