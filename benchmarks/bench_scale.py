@@ -6,12 +6,14 @@
     python benchmarks/bench_scale.py --end-to-end --fractions 1 --train-minutes 10 \
         --database postgresql://postgres@127.0.0.1:5432/postgres   # every step, full size
     python benchmarks/bench_scale.py --plot benchmarks/scale.png OUTPUT...  # from saved runs
+    python benchmarks/bench_scale.py --scale mpd --fractions 1    # the Million Playlist size
 
 Each step runs as its own child process (``demo data/generate.py``, ``preprocessing.py``,
 ``train.py``, ``flask``, gunicorn) and is measured by ``os.wait4``: wall time and that child's
 own peak RSS (``RUSAGE_CHILDREN`` would report the largest child so far, hiding a smaller later
 step), with the 1-minute load average sampled every 5 s while it runs. The catalog stays the
-full one (116,293 songs); only the playlists scale, so rows grow with the fraction. With
+one of ``--scale`` (full: 116,293 songs; mpd: the Million Playlist Dataset's 2,262,292); only
+the playlists scale, so rows grow with the fraction. With
 ``--database`` (a server DSN) every fraction is also generated into a throwaway database with
 COPY and preprocessed from it, then the database is dropped.
 
@@ -54,6 +56,8 @@ from psycopg2.extensions import make_dsn, parse_dsn
 
 REPO = Path(__file__).resolve().parents[1]
 FULL_PLAYLISTS = 305_000
+# playlists at fraction 1 of each generator scale this benchmark runs
+SCALE_PLAYLISTS = {"full": FULL_PLAYLISTS, "mpd": 1_000_000}
 GENERATOR = REPO / "demo data" / "generate.py"
 sys.path.insert(0, str(REPO))
 
@@ -172,15 +176,17 @@ def _run_outside_transaction(server_dsn: str, statement: sql.Composed) -> None:
         connection.close()
 
 
-def measure(fraction: float, work: Path, server_dsn: str | None) -> list[dict[str, Any]]:
-    """Generate and preprocess at ``fraction`` x the full size; one record per step."""
-    playlists = round(FULL_PLAYLISTS * fraction)
+def measure(
+    fraction: float, work: Path, server_dsn: str | None, scale: str = "full"
+) -> list[dict[str, Any]]:
+    """Generate and preprocess at ``fraction`` x the ``scale`` size; one record per step."""
+    playlists = round(SCALE_PLAYLISTS[scale] * fraction)
     python = sys.executable
     tables, output = work / f"tables_{playlists}", work / f"pp_{playlists}"
     shutil.rmtree(tables, ignore_errors=True)
     shutil.rmtree(output, ignore_errors=True)
     steps: list[tuple[str, list[str]]] = [
-        ("generate csv", [python, str(GENERATOR), "--scale", "full", "--playlists",
+        ("generate csv", [python, str(GENERATOR), "--scale", scale, "--playlists",
                           str(playlists), "--out", str(tables)]),
         ("preprocess csv", [python, "preprocessing.py", "--source", "csv", "--data", str(tables),
                             "--out", str(output)]),
@@ -189,7 +195,7 @@ def measure(fraction: float, work: Path, server_dsn: str | None) -> list[dict[st
     if server_dsn is not None:
         dsn = throwaway_database(server_dsn, name)
         steps += [
-            ("generate postgres", [python, str(GENERATOR), "--scale", "full", "--playlists",
+            ("generate postgres", [python, str(GENERATOR), "--scale", scale, "--playlists",
                                    str(playlists), "--database", dsn]),
             ("preprocess postgres", [python, "preprocessing.py", "--source", "postgres",
                                      "--dsn", dsn, "--out", f"{output}_pg"]),
@@ -200,7 +206,8 @@ def measure(fraction: float, work: Path, server_dsn: str | None) -> list[dict[st
         for step, command in steps:
             seconds, peak, summary = run_step(command)
             rows = int(summary["rows"]["playlist_songs"]) if "rows" in summary else rows
-            records.append({"step": step, "fraction": fraction, "playlists": playlists,
+            records.append({"step": step, "scale": scale, "fraction": fraction,
+                            "playlists": playlists,
                             "rows": rows, "seconds": round(seconds, 2),
                             "rows_per_s": round(rows / seconds), "peak_rss_mb": peak})
     finally:
@@ -457,7 +464,10 @@ def main() -> None:
     """Parse the options, measure every fraction or the end-to-end run, print the JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fractions", default="0.125,0.25,0.5,1",
-                        help="sizes as fractions of the full 305,000 playlists")
+                        help="sizes as fractions of the scale's playlists")
+    parser.add_argument("--scale", choices=sorted(SCALE_PLAYLISTS), default="full",
+                        help="the generator's catalog and playlists at fraction 1 (not with "
+                             "--end-to-end, which is the full scale)")
     parser.add_argument("--work", type=Path, default=REPO / "build" / "bench_scale",
                         help="folder for the generated tables (removed after each size)")
     parser.add_argument("--database", metavar="SERVER_DSN", default=None,
@@ -485,6 +495,8 @@ def main() -> None:
     if args.end_to_end:
         if args.database is None:
             parser.error("--end-to-end needs --database SERVER_DSN")
+        if args.scale != "full":
+            parser.error("--end-to-end runs the full scale only")
         print(f"{'step':<20} {'fraction':>8} {'seconds':>8} {'peak MB':>8} {'load':>6} "
               "figures", flush=True)
         records = [record for fraction in fractions
@@ -497,7 +509,7 @@ def main() -> None:
     print(f"{'step':<20} {'fraction':>8} {'rows':>11} {'seconds':>8} {'rows/s':>10} "
           f"{'peak MB':>8}", flush=True)
     for fraction in fractions:
-        for record in measure(fraction, args.work, args.database):
+        for record in measure(fraction, args.work, args.database, args.scale):
             records.append(record)
             print(f"{record['step']:<20} {fraction:>8g} {record['rows']:>11,} "
                   f"{record['seconds']:>8.1f} {record['rows_per_s']:>10,} "
