@@ -276,6 +276,7 @@ class ApproximateScorer:
         if self.added is not None and self.added.ntotal:
             _, more = self.added.search(safe.numpy(), min(count, self.added.ntotal))
             found = np.concatenate([found, np.where(more < 0, -1, more + self.index.ntotal)], 1)
+        seen_bias = model.seen_song_bias.detach().float().cpu() if model.seen_bias else None
         results: list[tuple[np.ndarray, np.ndarray] | None] = []
         for row, tokens in enumerate(sequences):
             if not finite[row]:
@@ -285,7 +286,7 @@ class ApproximateScorer:
             visible = batch[row][batch[row] >= FIRST_SONG_INDEX].cpu().numpy()
             if pointer is not None:
                 candidates = np.concatenate([candidates, self._pointer_candidates(visible)])
-            if model.seen_bias:  # a positive seen bias can lift a visible song into the top-k
+            if seen_bias is not None:  # a positive seen bias can lift a visible song to the top
                 candidates = np.concatenate([candidates, visible])
             candidates = np.unique(candidates)
             seen = np.unique(tokens) if exclude_seen else np.zeros(0, dtype=np.int64)
@@ -294,8 +295,7 @@ class ApproximateScorer:
             scores = self.rows[chosen] @ queries[row]
             if pointer is not None:
                 scores += self._pointer_scores(pointer, row, batch[row].cpu(), chosen)
-            if model.seen_bias:
-                seen_bias = model.seen_song_bias.detach().float().cpu()
+            if seen_bias is not None:
                 scores += seen_bias * torch.from_numpy(np.isin(candidates, visible))
             log_total = self._log_normalizer(scores, queries[row], candidates, seen)
             top = scores.topk(min(k, len(scores)))
