@@ -75,28 +75,37 @@ def test_data_without_side_information_uses_song_ids_only() -> None:
     assert model.encode(random_tokens()).shape == (4, SEQ_LEN, 32)
 
 
-@pytest.mark.parametrize("chunk", [4, 11, 4096])
-def test_fused_loss_matches_cross_entropy_in_value_and_gradient(chunk: int) -> None:
+def fused_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Head inputs ``(x, weight, bias, targets)``: 7 rows, 11 songs, in float64 for gradcheck
+    precision; targets repeat one song and cover the first and the last."""
     torch.manual_seed(0)
     x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(11, dtype=torch.float64, requires_grad=True)
-    targets = torch.tensor([0, 3, 10, 2, 2, 7, 5])
-    expected = F.cross_entropy(F.linear(x, weight, bias), targets)
-    expected_grads = torch.autograd.grad(expected, (x, weight, bias))
-    fused = LinearCrossEntropy.apply(x, weight, bias, targets, None, chunk)
-    fused_grads = torch.autograd.grad(fused, (x, weight, bias))
+    return x, weight, bias, torch.tensor([0, 3, 10, 2, 2, 7, 5])
+
+
+def assert_same_value_and_gradient(
+    fused: torch.Tensor, expected: torch.Tensor, inputs: tuple[torch.Tensor, ...]
+) -> None:
+    """The fused loss equals the reference, and so do their gradients wrt every input."""
     torch.testing.assert_close(fused, expected)
+    fused_grads = torch.autograd.grad(fused, inputs)
+    expected_grads = torch.autograd.grad(expected, inputs)
     for got, want in zip(fused_grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("chunk", [4, 11, 4096])
+def test_fused_loss_matches_cross_entropy_in_value_and_gradient(chunk: int) -> None:
+    x, weight, bias, targets = fused_case()
+    assert_same_value_and_gradient(
+        LinearCrossEntropy.apply(x, weight, bias, targets, None, chunk),
+        F.cross_entropy(F.linear(x, weight, bias), targets), (x, weight, bias))
     extra = torch.randn(7, 11, dtype=torch.float64, requires_grad=True)
-    expected = F.cross_entropy(F.linear(x, weight, bias) + extra, targets)
-    expected_grads = torch.autograd.grad(expected, (x, weight, bias, extra))
-    fused = LinearCrossEntropy.apply(x, weight, bias, targets, extra, chunk)
-    fused_grads = torch.autograd.grad(fused, (x, weight, bias, extra))
-    torch.testing.assert_close(fused, expected)
-    for got, want in zip(fused_grads, expected_grads, strict=True):
-        torch.testing.assert_close(got, want)
+    assert_same_value_and_gradient(
+        LinearCrossEntropy.apply(x, weight, bias, targets, extra, chunk),
+        F.cross_entropy(F.linear(x, weight, bias) + extra, targets), (x, weight, bias, extra))
 
 
 @pytest.mark.parametrize("side_pointer", [False, True])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_model import random_tokens, tiny_model
+from test_model import assert_same_value_and_gradient, fused_case, random_tokens, tiny_model
 from test_sampled_loss import cloze_batch, popularity
 from training_support import make_encoders, write_data
 from training_support import tiny_config as tiny_run_config
@@ -46,22 +46,15 @@ def dense_seen(
 
 @pytest.mark.parametrize("chunk", [4, 11, 4096])
 def test_fused_loss_adds_the_seen_value_at_its_entries_in_value_and_gradient(chunk: int) -> None:
-    torch.manual_seed(0)
-    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    x, weight, bias, targets = fused_case()
     value = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
-    targets = torch.tensor([0, 3, 10, 2, 2, 7, 5])
     seen = torch.zeros(7, 11, dtype=torch.float64)
     seen[[0, 0, 1, 2, 4, 6, 6], [3, 10, 3, 10, 2, 0, 10]] = 1.0  # rows 2 and 4: target seen
     keys = torch.unique(seen.nonzero()[:, 1] * 7 + seen.nonzero()[:, 0])
-    expected = F.cross_entropy(F.linear(x, weight, bias) + value * seen, targets)
-    expected_grads = torch.autograd.grad(expected, (x, weight, bias, value))
-    fused = LinearCrossEntropy.apply(x, weight, bias, targets, None, chunk, value, keys)
-    fused_grads = torch.autograd.grad(fused, (x, weight, bias, value))
-    torch.testing.assert_close(fused, expected)
-    for got, want in zip(fused_grads, expected_grads, strict=True):
-        torch.testing.assert_close(got, want)
+    assert_same_value_and_gradient(
+        LinearCrossEntropy.apply(x, weight, bias, targets, None, chunk, value, keys),
+        F.cross_entropy(F.linear(x, weight, bias) + value * seen, targets),
+        (x, weight, bias, value))
 
 
 @pytest.mark.parametrize("objective", ["cloze", "causal"])
