@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import http.client
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -47,6 +48,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -55,11 +57,24 @@ from psycopg2 import sql
 from psycopg2.extensions import make_dsn, parse_dsn
 
 REPO = Path(__file__).resolve().parents[1]
-FULL_PLAYLISTS = 305_000
-# playlists at fraction 1 of each generator scale this benchmark runs
-SCALE_PLAYLISTS = {"full": FULL_PLAYLISTS, "mpd": 1_000_000}
 GENERATOR = REPO / "demo data" / "generate.py"
 sys.path.insert(0, str(REPO))
+
+
+def generator_module() -> ModuleType:
+    """demo data/generate.py as a module (its folder name is no package name), for its sizes."""
+    spec = importlib.util.spec_from_file_location("generate", GENERATOR)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["generate"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+# playlists at fraction 1 of each generator scale this benchmark runs, as the generator has them
+SCALE_PLAYLISTS = {name: scale.playlists for name, scale in generator_module().SCALES.items()
+                   if name in ("full", "mpd")}
+FULL_PLAYLISTS = SCALE_PLAYLISTS["full"]
 
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TORCH_THREADS": "1"}
