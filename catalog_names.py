@@ -2,19 +2,61 @@
 arrays, and grown (as a new object) when a catalog refresh adds songs.
 
 At 2.26M songs a dict of str tuples takes ~750 MB in every worker; packed, each name is its
-UTF-8 bytes in one buffer per field plus an offset, and a lookup is a binary search.
+UTF-8 bytes in one buffer per field plus an offset, and a lookup is a binary search. Rows are
+packed a chunk at a time, so a read of the whole catalog never holds more than one chunk of
+Python strings; the gunicorn master builds the cache once before it forks (service.py).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 Names = tuple[str | None, str | None, str | None]
 NameRow = tuple[Any, Any, Any, Any]
+
+# rows turned into Python bytes at a time while packing
+CHUNK_ROWS = 65_536
+
+
+@dataclass(frozen=True)
+class _Column:
+    """One name field of the stored rows: their UTF-8 bytes end to end, where each row's
+    bytes start (one more entry than rows), and which rows have no name."""
+
+    blob: bytes
+    offsets: np.ndarray
+    missing: np.ndarray
+
+    @staticmethod
+    def pack(names: Sequence[Any]) -> _Column:
+        """The column of ``names``; a missing name (None, empty, NaN) is marked missing."""
+        encoded = [None if text is None else text.encode() for text in map(_text, names)]
+        lengths = np.fromiter((len(name or b"") for name in encoded), np.int64, len(encoded))
+        return _Column(b"".join(name for name in encoded if name),
+                       np.concatenate([[0], np.cumsum(lengths)]),
+                       np.fromiter((name is None for name in encoded), bool, len(encoded)))
+
+    @staticmethod
+    def joined(parts: Sequence[_Column]) -> _Column:
+        """The rows of ``parts`` one after the other."""
+        starts = np.cumsum([0, *(len(part.blob) for part in parts)])[:-1]
+        return _Column(b"".join(part.blob for part in parts),
+                       np.concatenate([[0], *(part.offsets[1:] + start
+                                              for part, start in zip(parts, starts,
+                                                                     strict=True))]),
+                       np.concatenate([np.zeros(0, bool), *(part.missing for part in parts)]))
+
+    def get(self, row: int) -> str | None:
+        """The name of stored row ``row``, None when it has none."""
+        if self.missing[row]:
+            return None
+        return self.blob[int(self.offsets[row]):int(self.offsets[row + 1])].decode()
 
 
 class CatalogNames:
@@ -25,29 +67,27 @@ class CatalogNames:
     names read by id and for refreshes that add higher ids).
     """
 
-    def __init__(self, rows: Iterable[NameRow]) -> None:
-        """Pack (song_id, song, artist, album) rows; a missing name (None, empty, NaN) stays
-        None."""
-        ids: list[int] = []
-        fields: tuple[list[bytes | None], ...] = ([], [], [])
-        for song_id, *names in rows:
-            ids.append(int(song_id))
-            for column, name in zip(fields, names, strict=True):
-                text = _text(name)
-                column.append(None if text is None else text.encode())
-        stored = np.asarray(ids, dtype=np.int64)
-        order = np.argsort(stored, kind="stable")
-        self.song_ids = stored[order]
-        self._rows: np.ndarray | None = None if (np.diff(stored) > 0).all() else order
-        self._blobs: list[bytes] = []
-        self._offsets: list[np.ndarray] = []
-        self._missing: list[np.ndarray] = []
-        for column in fields:
-            lengths = np.fromiter((len(name or b"") for name in column), np.int64, len(column))
-            self._offsets.append(np.concatenate([[0], np.cumsum(lengths)]))
-            self._missing.append(np.fromiter((name is None for name in column), bool,
-                                             len(column)))
-            self._blobs.append(b"".join(name for name in column if name))
+    def __init__(self, rows: Iterable[NameRow] = ()) -> None:
+        """Pack (song_id, song, artist, album) rows, read one chunk at a time; a missing name
+        (None, empty, NaN) stays None."""
+        ids: list[np.ndarray] = []
+        fields: tuple[list[_Column], ...] = ([], [], [])
+        iterator = iter(rows)
+        while chunk := list(itertools.islice(iterator, CHUNK_ROWS)):
+            ids.append(np.fromiter((int(row[0]) for row in chunk), np.int64, len(chunk)))
+            for field, parts in enumerate(fields, start=1):
+                parts.append(_Column.pack([row[field] for row in chunk]))
+            del chunk
+        self._store(np.concatenate([np.zeros(0, np.int64), *ids]),
+                    [_Column.joined(parts) for parts in fields])
+
+    def _store(self, stored_ids: np.ndarray, columns: list[_Column]) -> None:
+        """Keep the columns of rows ``stored_ids`` (in stored order) and their sorted lookup."""
+        order = np.argsort(stored_ids, kind="stable")
+        self.song_ids = stored_ids[order]
+        in_order = (order == np.arange(len(order))).all()
+        self._rows: np.ndarray | None = None if in_order else order
+        self._columns = columns
 
     def __len__(self) -> int:
         """Number of songs with names."""
@@ -55,45 +95,38 @@ class CatalogNames:
 
     def get(self, song_id: int) -> Names:
         """(song, artist, album) of a song, (None, None, None) when it has no entry."""
-        position = int(np.searchsorted(self.song_ids, song_id))
-        if position == len(self.song_ids) or self.song_ids[position] != song_id:
+        position = self._position(song_id)
+        if position is None:
             return None, None, None
         row = position if self._rows is None else int(self._rows[position])
-        names = [None if missing[row] else
-                 blob[int(offsets[row]):int(offsets[row + 1])].decode()
-                 for blob, offsets, missing in zip(self._blobs, self._offsets, self._missing,
-                                                   strict=True)]
-        return names[0], names[1], names[2]
+        song, artist, album = (column.get(row) for column in self._columns)
+        return song, artist, album
 
     def plus(self, rows: Iterable[NameRow]) -> CatalogNames:
         """A new cache that also holds the songs of ``rows`` it lacks (the names it has stay)."""
-        added = CatalogNames(row for row in rows if not self._has(int(row[0])))
+        added = CatalogNames(row for row in rows if self._position(int(row[0])) is None)
         if not len(added):
             return self
-        merged = CatalogNames(())
-        count = len(self)
-        stored = np.concatenate([self._stored_rows(), added._stored_rows() + count])
-        ids = np.concatenate([self.song_ids, added.song_ids])
-        order = np.argsort(ids, kind="stable")
-        merged.song_ids = ids[order]
-        rows_in_order = stored[order]
-        identity = (rows_in_order == np.arange(len(ids))).all()
-        merged._rows = None if identity else rows_in_order
-        merged._blobs = [old + new for old, new in zip(self._blobs, added._blobs, strict=True)]
-        merged._offsets = [np.concatenate([old, new[1:] + old[-1]]) for old, new in
-                           zip(self._offsets, added._offsets, strict=True)]
-        merged._missing = [np.concatenate([old, new]) for old, new in
-                           zip(self._missing, added._missing, strict=True)]
+        merged = CatalogNames()
+        merged._store(np.concatenate([self._stored_ids(), added._stored_ids()]),
+                      [_Column.joined([old, new]) for old, new in
+                       zip(self._columns, added._columns, strict=True)])
         return merged
 
-    def _has(self, song_id: int) -> bool:
-        """True when the cache holds a song's names."""
+    def _position(self, song_id: int) -> int | None:
+        """Where ``song_id`` is in ``song_ids``, None when the cache lacks it."""
         position = int(np.searchsorted(self.song_ids, song_id))
-        return position < len(self.song_ids) and int(self.song_ids[position]) == song_id
+        if position == len(self.song_ids) or int(self.song_ids[position]) != song_id:
+            return None
+        return position
 
-    def _stored_rows(self) -> np.ndarray:
-        """The stored row of each position of ``song_ids``."""
-        return np.arange(len(self), dtype=np.int64) if self._rows is None else self._rows
+    def _stored_ids(self) -> np.ndarray:
+        """The song id of each stored row, in stored order."""
+        if self._rows is None:
+            return self.song_ids
+        stored = np.empty_like(self.song_ids)
+        stored[self._rows] = self.song_ids
+        return stored
 
 
 def _text(value: Any) -> str | None:

@@ -42,6 +42,8 @@ from preprocessing_utils import RAW_FEATURE_FIELDS, DataError
 BIGINT_MAX = 2**63 - 1
 DATABASE_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
 SCHEMA_MISSING = "database schema missing: run `flask --app flask_app init-db`"
+# rows of the catalog names fetched per round trip of their server-side cursor
+CATALOG_NAMES_ITERSIZE = 50_000
 
 # Tables in foreign-key order, with the columns each CSV file must have.
 CSV_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -391,12 +393,16 @@ def init_database(dsn: str, refresh_trigger: bool = False, catalog_trigger: bool
         connection.close()
 
 
-def catalog_names(connection: Connection) -> list[tuple[int, str | None, str | None, str | None]]:
-    """(song_id, song, artist, album) of every catalog song, by id, from one snapshot."""
-    with read_snapshot(connection), connection.cursor() as cursor:
+def catalog_names(connection: Connection
+                  ) -> Iterator[tuple[int, str | None, str | None, str | None]]:
+    """(song_id, song, artist, album) of every catalog song, by id, from one snapshot, read
+    through a server-side cursor ``CATALOG_NAMES_ITERSIZE`` rows at a time (a 2.26M-song
+    catalog is never held as one list of rows)."""
+    with read_snapshot(connection), connection.cursor(name="b4mr_catalog_names") as cursor:
+        cursor.itersize = CATALOG_NAMES_ITERSIZE
         cursor.execute(sql_text("catalog_names"))
-        return [(int(song_id), song, artist, album)
-                for song_id, song, artist, album in cursor.fetchall()]
+        for song_id, song, artist, album in cursor:
+            yield int(song_id), song, artist, album
 
 
 def read_playlists(cursor: Cursor, playlist_ids: Sequence[int]) -> dict[int, list[int]]:

@@ -149,7 +149,7 @@ def read_catalog_names(source: Path | Connection) -> pd.DataFrame:
     empty = pd.DataFrame({"song": [], "artist": [], "album": []},
                          index=pd.Index([], dtype=np.int64, name="song_id"), dtype=object)
     if isinstance(source, Connection):
-        names = pd.DataFrame(db.catalog_names(source),
+        names = pd.DataFrame(list(db.catalog_names(source)),
                              columns=["song_id", "song", "artist", "album"])
     else:
         folder = Path(source)

@@ -1,10 +1,11 @@
 """The state of one service process: the model and the catalog's names, each loaded once on
 first need, the database pool and the queue workers built on them.
 
-Under gunicorn the model is loaded once in the master before it forks (``preload_model``), so
-every worker serves the same pages of the scoring matrix and index, shared copy-on-write; the
-database pool and the queue workers are still built in each worker after the fork. Without a
-preload (``flask run``, the CLI) each process loads the model itself on first need.
+Under gunicorn the model and the names are loaded once in the master before it forks
+(``preload_model``), so every worker serves the same pages of the scoring matrix, the index and
+the names, shared copy-on-write; the database pool and the queue workers are still built in each
+worker after the fork. Without a preload (``flask run``, the CLI), or where the master could not
+read the names, each process loads what it lacks itself on first need.
 
 The served model is replaced whole by a catalog refresh (``refresh_catalog``, run by
 catalog_refresh.CatalogRefresher): every request and job batch reads it once.
@@ -66,7 +67,8 @@ class ModelUnavailable(RuntimeError):
 class PreloadedModel:
     """The outcome of loading the model in the gunicorn master: the recommender or the reason
     there is none, for the checkpoint and index mode it was loaded with, by process ``pid``,
-    and the highest catalog song id its vocabulary was extended to (None: not read)."""
+    the highest catalog song id its vocabulary was extended to (None: not read), and the
+    catalog's names (None: not read there, so each worker reads them)."""
 
     model_path: Path
     index: str
@@ -75,6 +77,7 @@ class PreloadedModel:
     pid: int
     threads: int
     catalog_watermark: int | None
+    names: CatalogNames | None
 
 
 _preloaded: PreloadedModel | None = None
@@ -100,16 +103,34 @@ def load_recommender(settings: Settings) -> tuple[Scorer | None, str | None]:
         return None, error
 
 
+def read_names(settings: Settings) -> CatalogNames:
+    """Song, artist and album names from CATALOG_DIR, else from the database (on a connection
+    of its own, within DB_CATALOG_TIMEOUT_SECONDS); raises when they cannot be read."""
+    if settings.catalog_dir is not None:
+        from preprocessing import read_catalog_names
+
+        frame = read_catalog_names(settings.catalog_dir)
+        return CatalogNames(zip(frame.index, frame["song"], frame["artist"], frame["album"],
+                                strict=True))
+    seconds = settings.db_catalog_timeout_seconds
+    with deadline(seconds):
+        options = connection_options(settings.database_url, settings, seconds)
+        with connected(settings.database_url, **options) as connection:
+            return CatalogNames(catalog_names(connection))
+
+
 def preload_model(settings: Settings) -> None:
-    """Load the model in this process for every service built in its forked children.
+    """Load the model and the catalog names in this process for every service built in its
+    forked children.
 
     Meant for the gunicorn master, before it forks. Torch (and faiss through it) runs on one
     thread during the load, so no OpenMP thread pool exists yet to be lost in the fork; each
     worker sets its thread count back in ``after_fork``. The objects made so far are moved
     out of the garbage collector's reach (``gc.freeze``) so that collections in the workers
     do not write to, and so copy, the pages they share. The vocabulary is extended here with
-    the catalog songs the checkpoint lacks (catalog_refresh.py), so the workers share that too.
-    A failed load is remembered with its reason, which the workers then report on /ready.
+    the catalog songs the checkpoint lacks (catalog_refresh.py), and the names are read after
+    that, so the workers share both. A failed model load is remembered with its reason, which
+    the workers then report on /ready; names that cannot be read are left to each worker.
     """
     global _preloaded
     import torch
@@ -120,19 +141,35 @@ def preload_model(settings: Settings) -> None:
     started = time.perf_counter()
     recommender, error = load_recommender(settings)
     watermark = None
+    names = None
     if recommender is not None:
         log.info("loaded model %s in %.1f s before forking the workers (pid %d)",
                  recommender.model_version, time.perf_counter() - started, os.getpid())
-    if recommender is not None and catalog_refresh.extendable(recommender):
         install_wait_deadlines()
         try:
-            recommender, watermark = catalog_refresh.extend_at_start(recommender, settings)
+            if catalog_refresh.extendable(recommender):
+                recommender, watermark = catalog_refresh.extend_at_start(recommender, settings)
+            names = _preload_names(settings)
         finally:
             remove_wait_deadlines()
     _preloaded = PreloadedModel(settings.model_path, settings.recommender_index, recommender,
-                                error, os.getpid(), threads, watermark)
+                                error, os.getpid(), threads, watermark, names)
     gc.collect()
     gc.freeze()
+
+
+def _preload_names(settings: Settings) -> CatalogNames | None:
+    """The catalog names read in the master, or None (logged) when they could not be read."""
+    started = time.perf_counter()
+    try:
+        names = read_names(settings)
+    except Exception as error:
+        log.warning("catalog names not read before the fork (%s); each worker reads them",
+                    first_line(error))
+        return None
+    log.info("cached names of %d songs in %.1f s before forking the workers", len(names),
+             time.perf_counter() - started)
+    return names
 
 
 def after_fork() -> None:
@@ -208,6 +245,10 @@ class RecommendationService:
             recommender, self.model_error = preloaded.recommender, preloaded.error
             self._model_tried = True
             watermark = preloaded.catalog_watermark
+            if preloaded.names is not None:
+                self.catalog = preloaded.names
+                self._catalog_done = threading.Event()
+                self._catalog_done.set()
             if recommender is not None:
                 log.info("serving model %s loaded before the fork by process %d (pid %d)",
                          recommender.model_version, preloaded.pid, os.getpid())
@@ -296,23 +337,9 @@ class RecommendationService:
                 and time.monotonic() - self._catalog_started > retry_after)
 
     def _load_catalog(self, done: threading.Event) -> None:
-        """Cache song, artist and album names from CATALOG_DIR, else from the database (on a
-        connection of its own, within DB_CATALOG_TIMEOUT_SECONDS); set ``done`` at the end."""
+        """Cache the catalog's names (``read_names``); set ``done`` at the end."""
         try:
-            if self.settings.catalog_dir is not None:
-                from preprocessing import read_catalog_names
-
-                frame = read_catalog_names(self.settings.catalog_dir)
-                rows = list(zip(frame.index, frame["song"], frame["artist"], frame["album"],
-                                strict=True))
-            else:
-                seconds = self.settings.db_catalog_timeout_seconds
-                with deadline(seconds):
-                    options = connection_options(self.database.dsn, self.settings, seconds)
-                    with connected(self.database.dsn, **options) as connection:
-                        rows = catalog_names(connection)
-            loaded = CatalogNames(rows)
-            del rows
+            loaded = read_names(self.settings)
             with self._catalog_lock:
                 self.catalog = loaded.plus(self._learned_names)
             log.info("cached names of %d songs", len(self.catalog))

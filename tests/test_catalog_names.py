@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
+import pytest
+
+import catalog_names
 from catalog_names import CatalogNames
 
 
@@ -21,3 +26,22 @@ def test_packed_names_read_back_by_id_with_missing_ones_none() -> None:
 def test_an_empty_catalog_knows_no_song() -> None:
     names = CatalogNames(())
     assert len(names) == 0 and names.get(1) == (None, None, None)
+
+
+def test_names_packed_in_chunks_and_grown_answer_as_one_dict(monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    monkeypatch.setattr(catalog_names, "CHUNK_ROWS", 3)
+    rows = [(song, f"song {song}", None if song % 4 == 0 else f"artist {song % 7}",
+             "" if song % 5 == 0 else f"album {song % 11}") for song in range(1, 41)]
+    random.Random(0).shuffle(rows)
+    expected = {song: (name, artist, album or None) for song, name, artist, album in rows}
+    names = CatalogNames(row for row in rows[:25])
+    known = rows[0][0]
+    grown = names.plus([(known, "renamed", "x", "y"), *rows[25:], (99, "new", None, "")])
+    expected[99] = ("new", None, None)
+    assert len(names) == 25 and len(grown) == 41
+    for song, answer in expected.items():
+        assert grown.get(song) == answer
+        assert names.get(song) == (answer if any(row[0] == song for row in rows[:25])
+                                   else (None, None, None))
+    assert grown.plus(rows) is grown

@@ -1,5 +1,6 @@
-"""gunicorn with two workers loads the model once, in the master before the fork, and both
-workers serve that one copy; a load that fails there leaves a running, not-ready service."""
+"""gunicorn with two workers loads the model and the catalog names once, in the master before
+the fork, and both workers serve that one copy; a load that fails there leaves a running,
+not-ready service."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ pytestmark = pytest.mark.slow
 
 LOADED = re.compile(r"\[(\d+)\] \[INFO\] bert4musicrec\.service: loaded model (\S+) in .* "
                     r"before forking the workers \(pid (\d+)\)")
+NAMES_BEFORE_FORK = re.compile(r"\[(\d+)\] \[INFO\] bert4musicrec\.service: cached names of "
+                               r"(\d+) songs in .* before forking the workers")
+NAMES_IN_WORKER = re.compile(r"cached names of \d+ songs$", re.MULTILINE)
 SERVING = re.compile(r"serving model (\S+) loaded before the fork by process (\d+) \(pid (\d+)\)")
 
 
@@ -60,6 +64,7 @@ def test_two_workers_serve_the_one_model_the_master_loaded(demo_dsn: str, checkp
         status, answer = service.request("POST", "/recommendations",
                                          {"song_ids": [1, 2, 3], "k": 5})
         assert status == 200 and len(answer["recommendations"]) == 5
+        assert all(song["song"] and song["artist"] for song in answer["recommendations"])
         assert service.process is not None
         master = service.process.pid
         wait_until(lambda: len(serving_pids(service.log_path.read_text(), master)) == 2,
@@ -68,6 +73,9 @@ def test_two_workers_serve_the_one_model_the_master_loaded(demo_dsn: str, checkp
         loads = LOADED.findall(log)
         assert [(int(pid), int(logged)) for pid, _, logged in loads] == [(master, master)]
         assert master not in serving_pids(log, master)
+        # the names too are read once, by the master, and the workers read none themselves
+        assert [int(pid) for pid, _ in NAMES_BEFORE_FORK.findall(log)] == [master]
+        assert not NAMES_IN_WORKER.findall(log)
 
         # SIGHUP loads the checkpoint again in the master, once, for the new workers
         os.kill(master, signal.SIGHUP)
