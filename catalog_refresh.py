@@ -193,17 +193,23 @@ def check_extension(old: Recommender, new: Recommender, song_ids: np.ndarray) ->
 def extend_at_start(recommender: Recommender, settings: Settings
                     ) -> tuple[Recommender, int | None]:
     """The recommender extended with every catalog song it lacks and the watermark, for the
-    gunicorn master before the fork; on failure (logged) the same recommender and None."""
+    gunicorn master before the fork; on failure (logged) the same recommender and None.
+    Either way its tables end up in a TableReserve, so that a worker's later refresh appends
+    rows in place instead of copying what the workers share (table_reserve.py)."""
+    from cold_start import with_reserve
+
     started = time.perf_counter()
     try:
         extension = extend_from_database(recommender, settings, None)
     except Exception as error:
         log.warning("catalog not read before the fork (%s); each worker tries on its own",
                     first_line(error), exc_info=not isinstance(error, DATABASE_ERRORS))
-        return recommender, None
+        return with_reserve(recommender), None
     log.info("catalog read before the fork: %d songs added, %d served, in %.2f s",
              extension.added, extension.recommender.n_songs, time.perf_counter() - started)
-    return extension.recommender, extension.watermark
+    extended = extension.recommender
+    return (extended if extended.reserve is not None else with_reserve(extended),
+            extension.watermark)
 
 
 # -- the refresh thread -------------------------------------------------------------------------

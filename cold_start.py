@@ -42,6 +42,7 @@ from dataset import album_successors
 from model import BERT4Rec
 from preprocessing_utils import FIRST_SONG_INDEX, DataError, Encoders, check_songs, find_ids
 from recommender import Recommender
+from table_reserve import TableReserve
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,27 @@ def _append_ids(vocabulary: np.ndarray, column: pd.Series) -> tuple[np.ndarray, 
     return np.concatenate([vocabulary, new]), np.where(present, index, 0).astype(np.int64)
 
 
-def extend_encoders(encoders: Encoders, songs: pd.DataFrame) -> Encoders:
+def _append_array(reserve: TableReserve | None, name: str, table: np.ndarray,
+                  rows: np.ndarray) -> np.ndarray:
+    """``table`` with ``rows`` appended: in ``reserve`` when given, else a new array."""
+    if reserve is None:
+        return np.concatenate([table, rows])
+    return reserve.append_array(name, table, rows)
+
+
+def _append_rows(reserve: TableReserve | None, name: str, table: torch.Tensor,
+                 rows: torch.Tensor) -> torch.Tensor:
+    """``table`` with ``rows`` appended: in ``reserve`` when given, else a new tensor."""
+    return torch.cat([table, rows]) if reserve is None else reserve.append(name, table, rows)
+
+
+def extend_encoders(encoders: Encoders, songs: pd.DataFrame,
+                    reserve: TableReserve | None = None) -> Encoders:
     """Encoders that also hold the songs of ``songs`` they lack; ``encoders`` when none.
 
     New songs get the next indices in catalog-id order, new albums and artists likewise;
     features through the fitted imputation and scaling. DataError for an invalid row.
+    ``reserve``: where the per-song tables grow (in place when they can, table_reserve.py).
     """
     if encoders.has_side_info:
         check_songs(songs)
@@ -93,16 +110,29 @@ def extend_encoders(encoders: Encoders, songs: pd.DataFrame) -> Encoders:
         artist_ids, song_artist = _append_ids(artist_ids, fresh["artist_id"])
     link = np.frombuffer(bytes.fromhex(encoders.fingerprint), dtype=np.uint8)
     sizes = [encoders.n_songs, len(encoders.album_ids), len(encoders.artist_ids)]
-    return Encoders(
-        np.concatenate([encoders.song_ids, fresh["song_id"].to_numpy(dtype=np.int64)]),
-        album_ids, artist_ids,
-        np.concatenate([encoders.song_album, song_album]),
-        np.concatenate([encoders.song_artist, song_artist]),
-        np.concatenate([encoders.song_features, encoders.transform(fresh)]),
-        encoders.numeric_fill, encoders.numeric_center, encoders.numeric_scale,
-        encoders.has_side_info,
+    return _appended_encoders(
+        encoders, reserve, fresh["song_id"].to_numpy(dtype=np.int64), song_album,
+        song_artist, encoders.transform(fresh), album_ids, artist_ids,
         np.concatenate([encoders.chain_fingerprints, link[None, :]]),
-        np.concatenate([encoders.chain_sizes, np.asarray([sizes], dtype=np.int64)]),
+        np.concatenate([encoders.chain_sizes, np.asarray([sizes], dtype=np.int64)]))
+
+
+def _appended_encoders(
+    encoders: Encoders, reserve: TableReserve | None, song_ids: np.ndarray,
+    song_album: np.ndarray, song_artist: np.ndarray, song_features: np.ndarray,
+    album_ids: np.ndarray, artist_ids: np.ndarray, chain_fingerprints: np.ndarray,
+    chain_sizes: np.ndarray,
+) -> Encoders:
+    """``encoders`` with these song rows appended to its per-song tables (in ``reserve`` when
+    given), the given vocabularies of albums and artists, and the given chain."""
+    return Encoders(
+        _append_array(reserve, "song_ids", encoders.song_ids, song_ids),
+        album_ids, artist_ids,
+        _append_array(reserve, "song_album", encoders.song_album, song_album),
+        _append_array(reserve, "song_artist", encoders.song_artist, song_artist),
+        _append_array(reserve, "song_features", encoders.song_features, song_features),
+        encoders.numeric_fill, encoders.numeric_center, encoders.numeric_scale,
+        encoders.has_side_info, chain_fingerprints, chain_sizes,
     )
 
 
@@ -166,36 +196,40 @@ def _new_song_bias(
     return values
 
 
-def extend_model(model: BERT4Rec, extended: Encoders) -> BERT4Rec:
+def extend_model(model: BERT4Rec, extended: Encoders,
+                 reserve: TableReserve | None = None) -> BERT4Rec:
     """A new network for ``extended`` (``model``'s encoders with rows appended); ``model`` is
-    left as it is. Each big table is copied once, into its extended size; the new network
-    holds its own tensors (nothing shared with the one in-flight requests use)."""
+    left as it is. Without ``reserve`` each big table is copied once, into its extended size;
+    with one the tables grow in its buffers, in place when they can (table_reserve.py). The
+    rows in-flight requests read are never written either way."""
     added = extended.n_song_tokens - model.n_song_tokens
     trained = model.state_dict()
     state: dict[str, torch.Tensor] = {}
     width = model.song_embedding.weight.shape[1]
     unknown = (model.unknown_song.detach() if model.song_dropout > 0
                else torch.zeros(width))
-    state["song_embedding.weight"] = torch.cat(
-        [model.song_embedding.weight.detach(), unknown.expand(added, -1)])
+    state["song_embedding.weight"] = _append_rows(
+        reserve, "song_embedding", model.song_embedding.weight.detach(),
+        unknown.expand(added, -1))
     if model.tie_head:
         known_bias = model.head_bias.detach()
         fallback = (model.unknown_bias.detach() if model.song_dropout > 0
                     else known_bias[FIRST_SONG_INDEX:].mean())
-        state["head_bias"] = torch.cat([known_bias, _new_song_bias(known_bias, extended,
-                                                                   fallback)])
+        state["head_bias"] = _append_rows(reserve, "head_bias", known_bias,
+                                          _new_song_bias(known_bias, extended, fallback))
     else:
         for name in ("head.weight", "head.bias"):
             rows = trained[name].detach()
-            state[name] = torch.cat([rows, rows[FIRST_SONG_INDEX:].mean(0).expand(added,
-                                                                             *rows.shape[1:])])
+            state[name] = _append_rows(reserve, name, rows, rows[FIRST_SONG_INDEX:].mean(0)
+                                       .expand(added, *rows.shape[1:]))
     if model.use_side:
-        state["album_embedding.weight"] = torch.cat(
-            [model.album_embedding.weight.detach(), _new_album_rows(model, extended)])
+        state["album_embedding.weight"] = _append_rows(
+            reserve, "album_embedding", model.album_embedding.weight.detach(),
+            _new_album_rows(model, extended))
         artists = model.artist_embedding.weight.detach()
         new_artists = extended.n_artist_tokens - model.n_artist_tokens
-        state["artist_embedding.weight"] = torch.cat(
-            [artists, _mean_rows(artists).repeat(new_artists, 1)])
+        state["artist_embedding.weight"] = _append_rows(
+            reserve, "artist_embedding", artists, _mean_rows(artists).repeat(new_artists, 1))
         state["song_album"] = torch.from_numpy(extended.song_album)
         state["song_artist"] = torch.from_numpy(extended.song_artist)
         state["song_features"] = torch.from_numpy(extended.song_features)
@@ -224,22 +258,48 @@ def extended_popularity(popularity: torch.Tensor, n_song_tokens: int) -> torch.T
 def extend_recommender(recommender: Recommender, songs: pd.DataFrame) -> Recommender:
     """A new Recommender whose vocabulary also holds the catalog songs in ``songs`` that its
     encoders lack; the same object when there are none. Never mutates ``recommender``
-    (in-flight requests keep using it). DataError for an invalid row of ``songs``."""
-    extended = extend_encoders(recommender.encoders, songs)
+    (in-flight requests keep using it). DataError for an invalid row of ``songs``.
+
+    The tables grow in the recommender's TableReserve (a new one on its first extension), so a
+    served model extended again appends in place."""
+    reserve = recommender.reserve or TableReserve()
+    extended = extend_encoders(recommender.encoders, songs, reserve)
     if extended is recommender.encoders:
         return recommender
-    model = extend_model(recommender.model, extended)
-    approximate = (recommender.approximate.extended(model)
-                   if recommender.approximate is not None else None)
     log.info("catalog extended by %d songs (%d albums, %d artists)",
              extended.n_songs - recommender.encoders.n_songs,
              len(extended.album_ids) - len(recommender.encoders.album_ids),
              len(extended.artist_ids) - len(recommender.encoders.artist_ids))
+    return _recommender_in(recommender, extended, reserve,
+                           extended_version(recommender.model_version, extended))
+
+
+def with_reserve(recommender: Recommender) -> Recommender:
+    """The same model, version and answers, its growing tables moved into a new TableReserve,
+    so that its extensions append in place. For the gunicorn master before it forks: a worker's
+    refresh then writes only the new rows instead of copying every table (table_reserve.py)."""
+    reserve = TableReserve()
+    encoders = recommender.encoders
+    none = np.zeros(0, dtype=np.int64)
+    moved = _appended_encoders(encoders, reserve, none, none, none,
+                               np.zeros((0, encoders.n_features), dtype=np.float32),
+                               encoders.album_ids, encoders.artist_ids,
+                               encoders.chain_fingerprints, encoders.chain_sizes)
+    return _recommender_in(recommender, moved, reserve, recommender.model_version)
+
+
+def _recommender_in(recommender: Recommender, extended: Encoders, reserve: TableReserve,
+                    version: str) -> Recommender:
+    """The Recommender of ``recommender``'s model extended to ``extended``, its tables in
+    ``reserve``, the approximate index shared."""
+    model = extend_model(recommender.model, extended, reserve)
+    approximate = (recommender.approximate.extended(model, reserve)
+                   if recommender.approximate is not None else None)
     return Recommender(model, extended,
                        extended_popularity(recommender.popularity, extended.n_song_tokens),
-                       extended_version(recommender.model_version, extended), recommender.device,
-                       recommender.batch_size, recommender.index_mode, approximate=approximate,
-                       exclude_seen=recommender.exclude_seen)
+                       version, recommender.device, recommender.batch_size,
+                       recommender.index_mode, approximate=approximate,
+                       exclude_seen=recommender.exclude_seen, reserve=reserve)
 
 
 def read_catalog_songs(path: Path) -> pd.DataFrame:

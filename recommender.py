@@ -20,6 +20,7 @@ from checkpoint import load_model
 from model import BERT4Rec
 from preprocessing_utils import FIRST_SONG_INDEX, MASK_INDEX, PAD_INDEX, Encoders
 from retrieval import ApproximateScorer, resolve_index_mode
+from table_reserve import TableReserve
 
 # columns per block of ``top_k``'s shortlist
 TOP_K_BLOCK = 128
@@ -79,12 +80,13 @@ class Recommender:
         self, model: BERT4Rec, encoders: Encoders, popularity: torch.Tensor, model_version: str,
         device: str | torch.device = "cpu", batch_size: int = 256, index: str = "auto",
         checkpoint: Path | None = None, approximate: ApproximateScorer | None = None,
-        exclude_seen: bool = True,
+        exclude_seen: bool = True, reserve: TableReserve | None = None,
     ) -> None:
         """``index``: exact, approximate or auto (see retrieval.py); ``checkpoint``: the file
         the model came from, beside which the approximate index is saved and checked;
         ``approximate``: a ready scorer of this model (a catalog extension's, cold_start.py);
-        ``exclude_seen``: the default of ``recommend`` (a checkpoint's decision)."""
+        ``exclude_seen``: the default of ``recommend`` (a checkpoint's decision); ``reserve``:
+        where the model's tables grow when the catalog extends it (cold_start.py)."""
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.index_mode = resolve_index_mode(index, encoders.n_songs)
@@ -102,6 +104,7 @@ class Recommender:
         self.model_version = model_version
         self.batch_size = batch_size
         self.exclude_seen = exclude_seen
+        self.reserve = reserve
 
     @property
     def n_songs(self) -> int:

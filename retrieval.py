@@ -38,6 +38,7 @@ from atomic_files import atomic_write
 from checkpoint import read_weights_only
 from model import BERT4Rec
 from preprocessing_utils import FIRST_SONG_INDEX
+from table_reserve import TableReserve
 
 INDEX_MODES = ("exact", "approximate", "auto")
 # ``auto`` switches to the index from this catalog size on (the measured break-even)
@@ -62,11 +63,16 @@ def resolve_index_mode(mode: str, n_songs: int) -> str:
     return mode
 
 
-def head_rows(model: BERT4Rec) -> torch.Tensor:
-    """Every song token's head vector with its output bias appended, (n_song_tokens, width + 1)."""
+def head_rows(model: BERT4Rec, first: int = 0) -> torch.Tensor:
+    """The head vector of every song token from ``first`` on, with its output bias appended,
+    (n_song_tokens - first, width + 1)."""
     with torch.no_grad():
-        vectors = model.song_vectors().detach().float()
-        bias = model.output_bias.detach().float()[:, None]
+        if first == 0:
+            vectors = model.song_vectors().detach().float()
+        else:
+            tokens = torch.arange(first, model.n_song_tokens)
+            vectors = model.candidate_vectors(tokens).detach().float()
+        bias = model.output_bias.detach().float()[first:, None]
         return torch.cat([vectors, bias], dim=1).contiguous()
 
 
@@ -183,11 +189,12 @@ class ApproximateScorer:
 
     def __init__(
         self, model: BERT4Rec, checkpoint: Path | None = None,
-        shared: faiss.IndexIVFFlat | None = None,
+        shared: faiss.IndexIVFFlat | None = None, rows: torch.Tensor | None = None,
     ) -> None:
-        """``shared``: the index of the model this one extends, for its first songs (module doc)."""
+        """``shared``: the index of the model this one extends, for its first songs (module doc);
+        ``rows``: ``head_rows(model)`` when the caller has them."""
         self.model = model
-        self.rows = head_rows(model).cpu()
+        self.rows = head_rows(model).cpu() if rows is None else rows
         self.n_songs = len(self.rows) - FIRST_SONG_INDEX
         # a NaN or infinity in the head makes every playlist's scores non-finite
         self.finite = bool(torch.isfinite(self.rows[FIRST_SONG_INDEX:]).all())
@@ -213,10 +220,15 @@ class ApproximateScorer:
         added = self.n_songs - shared.ntotal
         return 0 <= added <= shared.nprobe / shared.nlist * shared.ntotal
 
-    def extended(self, model: BERT4Rec) -> ApproximateScorer:
+    def extended(self, model: BERT4Rec, reserve: TableReserve | None = None
+                 ) -> ApproximateScorer:
         """The scorer of ``model``, an extension of this one's (same first songs), sharing the
-        index; this scorer is left as it is."""
-        return ApproximateScorer(model, shared=self.index)
+        index and computing the head rows of the added songs only (they grow in ``reserve``
+        when given); this scorer is left as it is."""
+        added = head_rows(model, first=len(self.rows))
+        rows = (torch.cat([self.rows, added]) if reserve is None
+                else reserve.append("head_rows", self.rows, added))
+        return ApproximateScorer(model, shared=self.index, rows=rows)
 
     def memory_bytes(self) -> int:
         """What this scorer holds: the index's vectors, ids and centroids, and the head rows."""

@@ -14,7 +14,14 @@ from training_support import make_encoders
 from training_support import tiny_config as tiny_run_config
 
 from checkpoint import build_model, load_checkpoint, load_model, save_checkpoint
-from cold_start import extend_checkpoint, extend_encoders, extend_model, extend_recommender, main
+from cold_start import (
+    extend_checkpoint,
+    extend_encoders,
+    extend_model,
+    extend_recommender,
+    main,
+    with_reserve,
+)
 from csv_tables import read_csv_songs
 from preprocessing_utils import FIRST_SONG_INDEX, NUMERIC_COLUMNS, RAW_FEATURE_FIELDS
 from recommender import Recommender
@@ -75,6 +82,64 @@ def test_a_new_release_is_recommended_after_its_album_mates_and_old_songs_keep_t
     # a playlist holding a new song uses it as input instead of reporting it unknown
     assert not extended.recommend([[NEW_SONG + 2, *tracks[:2]]])[0].unknown_song_ids
     assert extend_recommender(extended, catalog) is extended
+
+
+Answers = list[tuple[list[int], list[float]]]
+
+
+def answers(recommender: Recommender, playlists: list[list[int]]) -> Answers:
+    """Top-20 ids and scores of each playlist."""
+    return [(found.song_ids, found.scores) for found in recommender.recommend(playlists, k=20)]
+
+
+def assert_same_answers(got: Answers, expected: Answers) -> None:
+    """The same songs in the same order, with the same scores up to float rounding."""
+    assert [ids for ids, _ in got] == [ids for ids, _ in expected]
+    for (_, scores), (_, wanted) in zip(got, expected, strict=True):
+        assert scores == pytest.approx(wanted, rel=1e-5)
+
+
+def shares_tables(extended: Recommender, base: Recommender) -> bool:
+    """True when the extension's big tables start at its base's: they grew in place."""
+    pairs = [(extended.model.song_embedding.weight, base.model.song_embedding.weight),
+             (extended.model.album_embedding.weight, base.model.album_embedding.weight),
+             (torch.from_numpy(extended.encoders.song_features),
+              torch.from_numpy(base.encoders.song_features))]
+    if base.approximate is not None and extended.approximate is not None:
+        pairs.append((extended.approximate.rows, base.approximate.rows))
+    return all(new.data_ptr() == old.data_ptr() for new, old in pairs)
+
+
+@pytest.mark.parametrize("index", ["exact", "approximate"])
+def test_a_reserved_model_grows_in_place_and_never_changes_a_model_still_served(
+    checkpoint: Path, catalog: pd.DataFrame, index: str
+) -> None:
+    loaded = Recommender.from_checkpoint(checkpoint, index=index)
+    playlists = [album_run(catalog)["song_id"].tolist()[:4], catalog["song_id"].tolist()[:30],
+                 [NEW_SONG, NEW_SONG + 1, *catalog["song_id"].tolist()[:3]]]
+    reserved = with_reserve(loaded)
+    assert reserved.model_version == loaded.model_version
+    assert not shares_tables(reserved, loaded)
+    assert_same_answers(answers(reserved, playlists), answers(loaded, playlists))
+    rows = new_rows(catalog)
+    one, all_three = pd.concat([catalog, rows.iloc[:1]]), pd.concat([catalog, rows])
+
+    first = extend_recommender(reserved, one)
+    second = extend_recommender(first, all_three)
+    assert shares_tables(first, reserved) and shares_tables(second, first)
+    copied_first = extend_recommender(loaded, one)
+    copied_second = extend_recommender(copied_first, all_three)
+    served = {name: answers(model, playlists) for name, model in
+              (("reserved", reserved), ("first", first), ("second", second))}
+    assert_same_answers(served["first"], answers(copied_first, playlists))
+    assert_same_answers(served["second"], answers(copied_second, playlists))
+
+    # extending `first` again (it is no longer the newest) copies: the rows `second` reads for
+    # NEW_SONG + 1 would otherwise be overwritten by NEW_SONG + 2's
+    other = extend_recommender(first, pd.concat([catalog, rows.iloc[[0, 2]]]))
+    for name, model in (("reserved", reserved), ("first", first), ("second", second)):
+        assert answers(model, playlists) == served[name], name
+    assert not shares_tables(other, first) and other.n_songs == first.n_songs + 1
 
 
 def test_new_albums_and_artists_get_rows_and_null_features_the_fitted_fill(
