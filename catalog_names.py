@@ -4,7 +4,8 @@ arrays, and grown (as a new object) when a catalog refresh adds songs.
 At 2.26M songs a dict of str tuples takes ~750 MB in every worker; packed, each name is its
 UTF-8 bytes in one buffer per field plus an offset, and a lookup is a binary search. Rows are
 packed a chunk at a time, so a read of the whole catalog never holds more than one chunk of
-Python strings; the gunicorn master builds the cache once before it forks (service.py).
+Python strings; the gunicorn master builds the cache once before it forks (service.py), and a
+refresh adds a layer of its own songs instead of copying the shared one.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ NameRow = tuple[Any, Any, Any, Any]
 
 # rows turned into Python bytes at a time while packing
 CHUNK_ROWS = 65_536
+# packed layers a cache may have before the ones that refreshes added are merged
+MAX_LAYERS = 8
 
 
 @dataclass(frozen=True)
@@ -59,17 +62,23 @@ class _Column:
         return self.blob[int(self.offsets[row]):int(self.offsets[row + 1])].decode()
 
 
-class CatalogNames:
-    """Song, artist and album names by catalog song id; never changed once built.
+class _Packed:
+    """Names of some songs, packed: rows are stored in the order they were given;
+    ``song_ids`` is sorted for the lookup and ``_rows`` maps its positions to stored rows (None
+    while both orders agree, as they do for names read by id and for refreshes that add higher
+    ids)."""
 
-    Rows are stored in the order they were given; ``song_ids`` is sorted for the lookup and
-    ``_rows`` maps its positions to stored rows (None while both orders agree, as they do for
-    names read by id and for refreshes that add higher ids).
-    """
+    def __init__(self, stored_ids: np.ndarray, columns: list[_Column]) -> None:
+        """Keep the columns of rows ``stored_ids`` (in stored order) and their sorted lookup."""
+        order = np.argsort(stored_ids, kind="stable")
+        self.song_ids = stored_ids[order]
+        in_order = (order == np.arange(len(order))).all()
+        self._rows: np.ndarray | None = None if in_order else order
+        self.columns = columns
 
-    def __init__(self, rows: Iterable[NameRow] = ()) -> None:
-        """Pack (song_id, song, artist, album) rows, read one chunk at a time; a missing name
-        (None, empty, NaN) stays None."""
+    @staticmethod
+    def of(rows: Iterable[NameRow]) -> _Packed:
+        """Pack (song_id, song, artist, album) rows, read one chunk at a time."""
         ids: list[np.ndarray] = []
         fields: tuple[list[_Column], ...] = ([], [], [])
         iterator = iter(rows)
@@ -78,55 +87,81 @@ class CatalogNames:
             for field, parts in enumerate(fields, start=1):
                 parts.append(_Column.pack([row[field] for row in chunk]))
             del chunk
-        self._store(np.concatenate([np.zeros(0, np.int64), *ids]),
-                    [_Column.joined(parts) for parts in fields])
+        return _Packed(np.concatenate([np.zeros(0, np.int64), *ids]),
+                       [_Column.joined(parts) for parts in fields])
 
-    def _store(self, stored_ids: np.ndarray, columns: list[_Column]) -> None:
-        """Keep the columns of rows ``stored_ids`` (in stored order) and their sorted lookup."""
-        order = np.argsort(stored_ids, kind="stable")
-        self.song_ids = stored_ids[order]
-        in_order = (order == np.arange(len(order))).all()
-        self._rows: np.ndarray | None = None if in_order else order
-        self._columns = columns
+    @staticmethod
+    def merged(parts: Sequence[_Packed]) -> _Packed:
+        """The rows of ``parts`` in one."""
+        return _Packed(np.concatenate([part.stored_ids() for part in parts]),
+                       [_Column.joined([part.columns[field] for part in parts])
+                        for field in range(3)])
 
-    def __len__(self) -> int:
-        """Number of songs with names."""
-        return len(self.song_ids)
-
-    def get(self, song_id: int) -> Names:
-        """(song, artist, album) of a song, (None, None, None) when it has no entry."""
-        position = self._position(song_id)
+    def get(self, song_id: int) -> Names | None:
+        """(song, artist, album) of a song, None when it has no entry here."""
+        position = self.position(song_id)
         if position is None:
-            return None, None, None
+            return None
         row = position if self._rows is None else int(self._rows[position])
-        song, artist, album = (column.get(row) for column in self._columns)
+        song, artist, album = (column.get(row) for column in self.columns)
         return song, artist, album
 
-    def plus(self, rows: Iterable[NameRow]) -> CatalogNames:
-        """A new cache that also holds the songs of ``rows`` it lacks (the names it has stay)."""
-        added = CatalogNames(row for row in rows if self._position(int(row[0])) is None)
-        if not len(added):
-            return self
-        merged = CatalogNames()
-        merged._store(np.concatenate([self._stored_ids(), added._stored_ids()]),
-                      [_Column.joined([old, new]) for old, new in
-                       zip(self._columns, added._columns, strict=True)])
-        return merged
-
-    def _position(self, song_id: int) -> int | None:
-        """Where ``song_id`` is in ``song_ids``, None when the cache lacks it."""
+    def position(self, song_id: int) -> int | None:
+        """Where ``song_id`` is in ``song_ids``, None when these names lack it."""
         position = int(np.searchsorted(self.song_ids, song_id))
         if position == len(self.song_ids) or int(self.song_ids[position]) != song_id:
             return None
         return position
 
-    def _stored_ids(self) -> np.ndarray:
+    def stored_ids(self) -> np.ndarray:
         """The song id of each stored row, in stored order."""
         if self._rows is None:
             return self.song_ids
         stored = np.empty_like(self.song_ids)
         stored[self._rows] = self.song_ids
         return stored
+
+
+class CatalogNames:
+    """Song, artist and album names by catalog song id; never changed once built.
+
+    The names read at start are one packed layer, which the gunicorn workers share with the
+    master; each refresh that adds songs adds a small layer instead of copying that one (the
+    layers after the first are merged once there are more than ``MAX_LAYERS``).
+    """
+
+    def __init__(self, rows: Iterable[NameRow] = ()) -> None:
+        """Pack (song_id, song, artist, album) rows, read one chunk at a time; a missing name
+        (None, empty, NaN) stays None."""
+        self._layers: tuple[_Packed, ...] = (_Packed.of(rows),)
+
+    def __len__(self) -> int:
+        """Number of songs with names."""
+        return sum(len(layer.song_ids) for layer in self._layers)
+
+    def get(self, song_id: int) -> Names:
+        """(song, artist, album) of a song, (None, None, None) when it has no entry."""
+        for layer in self._layers:
+            names = layer.get(song_id)
+            if names is not None:
+                return names
+        return None, None, None
+
+    def plus(self, rows: Iterable[NameRow]) -> CatalogNames:
+        """A new cache that also holds the songs of ``rows`` it lacks (the names it has stay)."""
+        added = _Packed.of(row for row in rows if not self._has(int(row[0])))
+        if not len(added.song_ids):
+            return self
+        layers = (*self._layers, added)
+        if len(layers) > MAX_LAYERS:
+            layers = (layers[0], _Packed.merged(layers[1:]))
+        grown = CatalogNames()
+        grown._layers = layers
+        return grown
+
+    def _has(self, song_id: int) -> bool:
+        """True when the cache holds a song's names."""
+        return any(layer.position(song_id) is not None for layer in self._layers)
 
 
 def _text(value: Any) -> str | None:

@@ -45,3 +45,19 @@ def test_names_packed_in_chunks_and_grown_answer_as_one_dict(monkeypatch: pytest
         assert names.get(song) == (answer if any(row[0] == song for row in rows[:25])
                                    else (None, None, None))
     assert grown.plus(rows) is grown
+
+
+def test_many_refreshes_keep_every_name_and_leave_older_caches_as_they_were(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(catalog_names, "MAX_LAYERS", 3)
+    caches = [CatalogNames([(song, f"s{song}", f"a{song}", f"b{song}") for song in range(100)])]
+    for step in range(6):  # each refresh adds songs above and below those known
+        added = [(1000 + step, f"s{1000 + step}", None, "x"), (-1 - step, f"s{-1 - step}", "y", "")]
+        caches.append(caches[-1].plus([*added, (5, "renamed", None, None)]))
+    for count, cache in enumerate(caches):
+        assert len(cache) == 100 + 2 * count
+        assert cache.get(5) == ("s5", "a5", "b5")
+        for step in range(6):
+            expected = step < count
+            assert (cache.get(1000 + step) == (f"s{1000 + step}", None, "x")) is expected
+            assert (cache.get(-1 - step) == (f"s{-1 - step}", "y", None)) is expected
