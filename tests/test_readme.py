@@ -38,3 +38,10 @@ def test_every_make_command_in_the_readme_exists() -> None:
 def test_ci_runs_the_readme_test_command() -> None:
     ci = (REPO_ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert re.search(r"^make test$", ci, flags=re.MULTILINE)
+
+
+def test_the_module_table_names_every_module() -> None:
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    listed = set(re.findall(r"^\| `([\w.]+\.py)` \|", readme, flags=re.MULTILINE))
+    modules = {path.name for path in REPO_ROOT.glob("*.py")}
+    assert modules <= listed, f"README's module table lacks {sorted(modules - listed)}"
