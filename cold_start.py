@@ -158,20 +158,23 @@ def _mean_rows(weight: torch.Tensor) -> torch.Tensor:
 
 def _new_album_rows(model: BERT4Rec, extended: Encoders) -> torch.Tensor:
     """Rows of the albums ``model`` lacks: the mean of the artist's known albums, else the mean
-    album (an album's artist is that of its first new song)."""
+    album (an album's artist is that of its first new song). Only the known songs of those
+    artists are grouped, so a refresh does not sort a 2.26M-song catalog."""
     weight = model.album_embedding.weight.detach()
     known_albums, known_artists = model.n_album_tokens, model.n_artist_tokens
-    songs = np.arange(FIRST_SONG_INDEX, model.n_song_tokens)
-    pairs = np.unique(np.stack([extended.song_artist[songs], extended.song_album[songs]], 1),
-                      axis=0)
-    pairs = pairs[(pairs[:, 0] > 0) & (pairs[:, 1] > 0)]
-    sums = torch.zeros(known_artists, weight.shape[1]).index_add_(
-        0, torch.from_numpy(pairs[:, 0]), weight[torch.from_numpy(pairs[:, 1])])
-    counts = np.bincount(pairs[:, 0], minlength=known_artists)
     new_songs = np.arange(model.n_song_tokens, extended.n_song_tokens)
     albums, first = np.unique(extended.song_album[new_songs], return_index=True)
     artists = extended.song_artist[new_songs][first[albums >= known_albums]]
     rows = _mean_rows(weight).repeat(extended.n_album_tokens - known_albums, 1)
+    wanted = np.unique(artists[(artists > 0) & (artists < known_artists)])
+    songs = np.arange(FIRST_SONG_INDEX, model.n_song_tokens)
+    songs = songs[np.isin(extended.song_artist[songs], wanted)]
+    pairs = np.unique(np.stack([extended.song_artist[songs], extended.song_album[songs]], 1),
+                      axis=0).reshape(-1, 2)
+    pairs = pairs[(pairs[:, 0] > 0) & (pairs[:, 1] > 0)]
+    sums = torch.zeros(known_artists, weight.shape[1]).index_add_(
+        0, torch.from_numpy(pairs[:, 0]), weight[torch.from_numpy(pairs[:, 1])])
+    counts = np.bincount(pairs[:, 0], minlength=known_artists)
     has = (artists < known_artists) & (counts[np.minimum(artists, known_artists - 1)] > 0)
     has_rows = torch.from_numpy(np.flatnonzero(has))
     chosen = torch.from_numpy(artists[has])

@@ -248,7 +248,7 @@ class Encoders:
             ids = getattr(self, name)
             if (np.diff(ids[:fitted]) <= 0).any():
                 problems.append(f"{name} must be strictly increasing")
-            elif links and len(np.unique(ids)) != len(ids):
+            elif links and not _unique_after(ids, fitted):
                 problems.append(f"{name} must be unique")
         for name, limit in (("song_album", self.n_album_tokens),
                             ("song_artist", self.n_artist_tokens)):
@@ -485,6 +485,14 @@ class Encoders:
             raise DataError(f"{folder}: {ENCODERS_JSON} and {ENCODERS_NPZ} disagree "
                             f"(fingerprint mismatch); refit the encoders")
         return encoders
+
+
+def _unique_after(ids: np.ndarray, fitted: int) -> bool:
+    """True when ``ids``, strictly increasing up to ``fitted``, holds no id twice; only the
+    appended part is sorted (a refresh of a 2.26M-song catalog would otherwise sort it all)."""
+    appended = np.sort(ids[fitted:])
+    return (not (np.diff(appended) == 0).any()
+            and bool((find_ids(ids[:fitted], appended) < 0).all()))
 
 
 def find_ids(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:

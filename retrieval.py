@@ -190,14 +190,17 @@ class ApproximateScorer:
     def __init__(
         self, model: BERT4Rec, checkpoint: Path | None = None,
         shared: faiss.IndexIVFFlat | None = None, rows: torch.Tensor | None = None,
+        known_finite: int = 0,
     ) -> None:
         """``shared``: the index of the model this one extends, for its first songs (module doc);
-        ``rows``: ``head_rows(model)`` when the caller has them."""
+        ``rows``: ``head_rows(model)`` when the caller has them, the first ``known_finite`` of
+        them already checked."""
         self.model = model
         self.rows = head_rows(model).cpu() if rows is None else rows
         self.n_songs = len(self.rows) - FIRST_SONG_INDEX
         # a NaN or infinity in the head makes every playlist's scores non-finite
-        self.finite = bool(torch.isfinite(self.rows[FIRST_SONG_INDEX:]).all())
+        unchecked = self.rows[max(FIRST_SONG_INDEX, known_finite):]
+        self.finite = bool(torch.isfinite(unchecked).all())
         self.build_seconds = 0.0
         self.index: faiss.IndexIVFFlat | None = None
         self.added: faiss.IndexFlatIP | None = None
@@ -228,7 +231,8 @@ class ApproximateScorer:
         added = head_rows(model, first=len(self.rows))
         rows = (torch.cat([self.rows, added]) if reserve is None
                 else reserve.append("head_rows", self.rows, added))
-        return ApproximateScorer(model, shared=self.index, rows=rows)
+        return ApproximateScorer(model, shared=self.index, rows=rows,
+                                 known_finite=len(self.rows) if self.finite else 0)
 
     def memory_bytes(self) -> int:
         """What this scorer holds: the index's vectors, ids and centroids, and the head rows."""

@@ -7,7 +7,8 @@ bench_service.py builds them): the first read of a process (every catalog id, no
 an incremental read with nothing new, an incremental read after 1 and after 1,000 songs were
 inserted, and a full re-read with those 1,000 new; each the median of ``--repeats`` runs, in
 one process, on its CPU threads. Then gunicorn with two workers: PSS of the master and the
-workers (/proc/PID/smaps_rollup) at ready and after ``flask refresh-catalog`` added one song.
+workers (/proc/PID/smaps_rollup) at ready and after ``flask refresh-catalog`` added one song
+(it waits up to 300 s for every worker's report, so the refresh has ended when PSS is read).
 
     python benchmarks/bench_catalog_refresh.py [--sizes demo,full] [--repeats 3]
 
@@ -106,9 +107,10 @@ def shared_memory(model_path: Path, database: ThrowawayDatabase, work: Path) -> 
         before = server.memory_mb()
         insert_songs(database, FIRST_NEW_ID, 1)
         report = subprocess.run(
-            [sys.executable, "-m", "flask", "--app", "flask_app", "refresh-catalog"],
+            [sys.executable, "-m", "flask", "--app", "flask_app", "refresh-catalog", "--wait",
+             "300"],
             cwd=REPO_ROOT, env={**os.environ, **env, "PROMETHEUS_MULTIPROC_DIR": ""},
-            capture_output=True, text=True, timeout=300, check=True).stdout
+            capture_output=True, text=True, timeout=360, check=True).stdout
         time.sleep(1)
         after = server.memory_mb()
     finally:

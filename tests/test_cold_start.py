@@ -23,7 +23,13 @@ from cold_start import (
     with_reserve,
 )
 from csv_tables import read_csv_songs
-from preprocessing_utils import FIRST_SONG_INDEX, NUMERIC_COLUMNS, RAW_FEATURE_FIELDS
+from preprocessing_utils import (
+    FIRST_SONG_INDEX,
+    NUMERIC_COLUMNS,
+    RAW_FEATURE_FIELDS,
+    DataError,
+    Encoders,
+)
 from recommender import Recommender
 from sampled_softmax import NegativeSampler
 from train import main as train_main
@@ -165,6 +171,21 @@ def test_new_albums_and_artists_get_rows_and_null_features_the_fitted_fill(
     # a new track carries its album's popularity: the mean bias of the album's known songs
     mates = torch.from_numpy(np.flatnonzero(base.song_album == albums[0]))
     torch.testing.assert_close(model.head_bias[tokens[0]], model.head_bias[mates].mean())
+
+
+def test_extended_encoders_holding_an_id_twice_are_refused(checkpoint: Path,
+                                                           catalog: pd.DataFrame) -> None:
+    base = Recommender.from_checkpoint(checkpoint, index="exact").encoders
+    encoders = extend_encoders(base, pd.concat([catalog, new_rows(catalog)]))
+    fields = ("song_ids", "album_ids", "artist_ids", "song_album", "song_artist",
+              "song_features", "numeric_fill", "numeric_center", "numeric_scale",
+              "has_side_info", "chain_fingerprints", "chain_sizes")
+    for twice in (base.song_ids[5], NEW_SONG):  # a known id appended again, a new one twice
+        ids = encoders.song_ids.copy()
+        ids[-1] = twice
+        with pytest.raises(DataError, match="song_ids must be unique"):
+            Encoders(*(ids if name == "song_ids" else getattr(encoders, name)
+                       for name in fields))
 
 
 def test_an_extended_checkpoint_round_trips_and_its_chain_verifies(
