@@ -149,9 +149,13 @@ def preload_model(settings: Settings) -> None:
                  recommender.model_version, time.perf_counter() - started, os.getpid())
         install_wait_deadlines()
         try:
+            readable = True
             if catalog_refresh.extendable(recommender):
                 recommender, watermark = catalog_refresh.extend_at_start(recommender, settings)
-            names = _preload_names(settings)
+                # a catalog that could not be read (or is empty) is not waited for twice
+                readable = watermark is not None
+            if readable:
+                names = _preload_names(settings)
         finally:
             remove_wait_deadlines()
     _preloaded = PreloadedModel(settings.model_path, settings.recommender_index, recommender,
