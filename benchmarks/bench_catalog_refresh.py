@@ -109,7 +109,8 @@ def shared_memory(model_path: Path, database: ThrowawayDatabase, work: Path) -> 
         report = subprocess.run(
             [sys.executable, "-m", "flask", "--app", "flask_app", "refresh-catalog", "--wait",
              "300"],
-            cwd=REPO_ROOT, env={**os.environ, **env, "PROMETHEUS_MULTIPROC_DIR": ""},
+            cwd=REPO_ROOT, env={name: value for name, value in {**os.environ, **env}.items()
+                                if name != "PROMETHEUS_MULTIPROC_DIR"},
             capture_output=True, text=True, timeout=360, check=True).stdout
         time.sleep(1)
         after = server.memory_mb()
