@@ -82,6 +82,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, grad_extra, None, grad_seen, None
 
 
+def split_seen_keys(keys: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, songs) of ``song * n_rows + row`` keys, the seen-song format of model.py."""
+    return keys % n_rows, keys // n_rows
+
+
 class _SeenEntries:
     """The (row, song) entries that get ``value`` added, found chunk by chunk by song range."""
 
@@ -95,7 +100,7 @@ class _SeenEntries:
             self.value = None
             return
         self.keys = keys
-        self.rows, self.songs = keys % n_rows, keys // n_rows
+        self.rows, self.songs = split_seen_keys(keys, n_rows)
         self.n_rows = n_rows
         starts = torch.arange(0, n_songs, chunk, device=keys.device)
         self.bounds = [*torch.searchsorted(self.songs, starts).tolist(), len(keys)]

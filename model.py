@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import ModelConfig
-from fused_softmax import LinearCrossEntropy
+from fused_softmax import LinearCrossEntropy, split_seen_keys
 from preprocessing_utils import FIRST_SONG_INDEX, MASK_INDEX, PAD_INDEX
 from sampled_softmax import NegativeSampler, SparseRows, sampled_cross_entropy
 
@@ -478,7 +478,7 @@ class BERT4Rec(nn.Module):
             logits = F.linear(x, weight, bias).float()
             logits = logits if extra is None else logits + extra
             if seen is not None:
-                logits = logits.index_put((seen % len(targets), seen // len(targets)),
+                logits = logits.index_put(split_seen_keys(seen, len(targets)),
                                           self.seen_song_bias.expand(len(seen)),
                                           accumulate=True)
             return F.cross_entropy(logits, targets)
@@ -528,7 +528,7 @@ class BERT4Rec(nn.Module):
         """(M, C) 1.0 where labelled position m sees candidate song c (``seen_keys``), else 0."""
         keys = self.seen_keys(tokens, masked)
         n_rows = int(masked.sum())
-        rows, songs = keys % n_rows, keys // n_rows
+        rows, songs = split_seen_keys(keys, n_rows)
         ordered, order = candidates.sort()
         low = torch.searchsorted(ordered, songs)
         counts = torch.searchsorted(ordered, songs, right=True) - low
