@@ -15,7 +15,8 @@ BLOCK_LOGITS = 1 << 18
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of ``x @ weight.T + bias`` against ``targets``, fused for the CPU.
+    """Mean cross-entropy of ``x @ weight.T + bias`` (plus sparse entries) against ``targets``,
+    fused for the CPU; call it through ``linear_cross_entropy``.
 
     Same value and gradients as ``F.cross_entropy`` on the logits, but the (rows x 116k)
     logits never exist whole: the forward pass keeps a running log-sum-exp per row over
@@ -23,50 +24,45 @@ class LinearCrossEntropy(torch.autograd.Function):
     backward pass recomputes each chunk's logits and turns them into the softmax gradient
     while the chunk is still in cache. One extra matrix product buys the removal of every
     pass over a tensor that fits no cache, which on a CPU costs more than the arithmetic.
-    ``seen_value`` (a scalar) is added to the logits at ``seen_keys``, the sorted unique
-    ``song * rows + row`` of each row's songs already in its input (``seen_keys`` in model.py),
+    The entries ``values[i]`` are added to the logit of song ``songs[i]`` in row ``rows[i]``
+    (a pair may repeat; its values add up): the side pointer's copy scores and the seen bias,
     without any (rows x songs) tensor. Single backward only.
     """
 
     @staticmethod
     def forward(
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-        targets: torch.Tensor, extra: torch.Tensor | None = None, chunk: int | None = None,
-        seen_value: torch.Tensor | None = None, seen_keys: torch.Tensor | None = None,
+        targets: torch.Tensor, chunk: int, rows: torch.Tensor, songs: torch.Tensor,
+        values: torch.Tensor,
     ) -> torch.Tensor:
-        """Loss from the chunked log-sum-exp and the target logits (plus ``extra`` logits)."""
-        chunk = chunk or max(256, BLOCK_LOGITS // max(1, len(targets)))
-        seen = _SeenEntries(seen_value, seen_keys, len(targets), len(weight), chunk)
+        """Loss from the chunked log-sum-exp and the target logits (plus their entries)."""
+        entries = _ChunkedEntries(rows, songs, values.to(x.dtype), len(weight), chunk)
         log_total = torch.full((len(targets),), float("-inf"), dtype=x.dtype, device=x.device)
         for start in range(0, len(weight), chunk):
-            logits = _chunk_logits(x, weight, bias, extra, start, chunk)
-            seen.add_to(logits, start)
+            logits = torch.addmm(bias[start : start + chunk], x, weight[start : start + chunk].T)
+            entries.add_to(logits, start)
             log_total = torch.logaddexp(log_total, logits.logsumexp(dim=1))
         target_logit = torch.einsum("md,md->m", x, weight[targets]) + bias[targets]
-        if extra is not None:
-            target_logit = target_logit + extra.gather(1, targets[:, None]).squeeze(1)
-        target_logit = target_logit + seen.at_targets(targets)
+        target_logit = target_logit + entries.at_targets(targets)
         ctx.chunk = chunk
-        ctx.seen = seen
-        ctx.save_for_backward(x, weight, bias, extra, log_total, targets)
+        ctx.entries = entries
+        ctx.save_for_backward(x, weight, bias, log_total, targets)
         return (log_total - target_logit).mean()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """Gradients from softmax minus one-hot, scaled by grad / n, one chunk at a time."""
-        x, weight, bias, extra, log_total, targets = ctx.saved_tensors
+        x, weight, bias, log_total, targets = ctx.saved_tensors
         scale = grad / len(targets)
         grad_x = torch.zeros_like(x)
         grad_weight = torch.empty_like(weight)
         grad_bias = torch.empty_like(bias)
-        needs_extra = extra is not None and ctx.needs_input_grad[4]
-        grad_extra = torch.empty_like(extra) if needs_extra else None
         rows = torch.arange(len(targets), device=targets.device)
-        seen = ctx.seen
-        grad_seen = None if seen.value is None else torch.zeros((), device=x.device)
+        entries = ctx.entries
         for start in range(0, len(weight), ctx.chunk):
-            logits = _chunk_logits(x, weight, bias, extra, start, ctx.chunk)
-            seen.add_to(logits, start)
+            logits = torch.addmm(bias[start : start + ctx.chunk], x,
+                                 weight[start : start + ctx.chunk].T)
+            entries.add_to(logits, start)
             probabilities = logits.sub_(log_total[:, None]).exp_()
             hit = (targets >= start) & (targets < start + ctx.chunk)
             probabilities[rows[hit], targets[hit] - start] -= 1.0
@@ -75,11 +71,22 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_x.addmm_(probabilities, weight[start:stop])
             torch.mm(probabilities.T, x, out=grad_weight[start:stop])
             torch.sum(probabilities, dim=0, out=grad_bias[start:stop])
-            if grad_extra is not None:
-                grad_extra[:, start:stop] = probabilities
-            if grad_seen is not None:
-                grad_seen += seen.sum_in(probabilities, start)
-        return grad_x, grad_weight, grad_bias, None, grad_extra, None, grad_seen, None
+            entries.take_gradient(probabilities, start)
+        grad_values = entries.gradient() if ctx.needs_input_grad[7] else None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, grad_values
+
+
+def linear_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor,
+    entries: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """The fused loss of ``LinearCrossEntropy``; ``entries`` (rows, songs, values) or none."""
+    chunk = chunk or max(256, BLOCK_LOGITS // max(1, len(targets)))
+    if entries is None:
+        none = torch.zeros(0, dtype=torch.long, device=x.device)
+        entries = none, none, torch.zeros(0, dtype=x.dtype, device=x.device)
+    return LinearCrossEntropy.apply(x, weight, bias, targets, chunk, *entries)
 
 
 def split_seen_keys(keys: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,56 +94,46 @@ def split_seen_keys(keys: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torc
     return keys % n_rows, keys // n_rows
 
 
-class _SeenEntries:
-    """The (row, song) entries that get ``value`` added, found chunk by chunk by song range."""
+class _ChunkedEntries:
+    """Logit entries sorted by song, so that each chunk of songs finds its own by bounds."""
 
     def __init__(
-        self, value: torch.Tensor | None, keys: torch.Tensor | None, n_rows: int, n_songs: int,
+        self, rows: torch.Tensor, songs: torch.Tensor, values: torch.Tensor, n_songs: int,
         chunk: int,
     ) -> None:
-        self.value = value
         self.chunk = chunk
-        if value is None or keys is None:
-            self.value = None
-            return
-        self.keys = keys
-        self.rows, self.songs = split_seen_keys(keys, n_rows)
-        self.n_rows = n_rows
-        starts = torch.arange(0, n_songs, chunk, device=keys.device)
-        self.bounds = [*torch.searchsorted(self.songs, starts).tolist(), len(keys)]
+        songs, self.order = songs.sort()
+        self.rows, self.songs, self.values = rows[self.order], songs, values[self.order]
+        starts = torch.arange(0, n_songs, chunk, device=songs.device)
+        self.bounds = [*torch.searchsorted(songs, starts).tolist(), len(songs)]
+        self.sorted_gradient = torch.zeros_like(self.values)
 
-    def _in_chunk(self, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows and chunk columns of the entries with songs in ``start .. start + chunk``."""
+    def _span(self, start: int) -> tuple[int, int]:
+        """Where the entries of songs ``start .. start + chunk`` lie in the sorted order."""
         index = start // self.chunk
-        low, high = self.bounds[index], self.bounds[index + 1]
-        return self.rows[low:high], self.songs[low:high] - start
+        return self.bounds[index], self.bounds[index + 1]
 
     def add_to(self, logits: torch.Tensor, start: int) -> None:
-        """Add the value to the chunk's logits (rows x chunk) at its entries, in place."""
-        if self.value is not None:
-            rows, columns = self._in_chunk(start)
-            logits[rows, columns] += self.value.to(logits.dtype)
+        """Add the chunk's entries to its logits (rows x chunk), in place."""
+        low, high = self._span(start)
+        if high > low:
+            logits.index_put_((self.rows[low:high], self.songs[low:high] - start),
+                              self.values[low:high], accumulate=True)
 
-    def sum_in(self, gradient: torch.Tensor, start: int) -> torch.Tensor:
-        """The chunk's logit gradient summed over its entries: the value's gradient share."""
-        rows, columns = self._in_chunk(start)
-        return gradient[rows, columns].sum()
+    def take_gradient(self, gradient: torch.Tensor, start: int) -> None:
+        """Keep the chunk's logit gradient at its entries: each entry's value gets it whole."""
+        low, high = self._span(start)
+        if high > low:
+            self.sorted_gradient[low:high] = gradient[self.rows[low:high],
+                                                      self.songs[low:high] - start]
 
-    def at_targets(self, targets: torch.Tensor) -> torch.Tensor | float:
-        """The value where a row's target is one of its seen songs, else 0."""
-        if self.value is None:
-            return 0.0
-        rows = torch.arange(len(targets), device=targets.device)
-        return self.value * torch.isin(targets * self.n_rows + rows, self.keys)
+    def gradient(self) -> torch.Tensor:
+        """The values' gradient, in the order the entries were given."""
+        return torch.empty_like(self.sorted_gradient).index_copy_(0, self.order,
+                                                                 self.sorted_gradient)
 
-
-def _chunk_logits(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, extra: torch.Tensor | None,
-    start: int, chunk: int,
-) -> torch.Tensor:
-    """Logits of songs ``start .. start + chunk`` (rows x chunk), plus ``extra`` if given."""
-    stop = start + chunk
-    logits = torch.addmm(bias[start:stop], x, weight[start:stop].T)
-    if extra is not None:
-        logits.add_(extra[:, start:stop])
-    return logits
+    def at_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """Per row, the sum of its entries at its target song."""
+        hit = self.songs == targets[self.rows]
+        total = torch.zeros(len(targets), dtype=self.values.dtype, device=targets.device)
+        return total.index_add(0, self.rows[hit], self.values[hit])

@@ -169,21 +169,6 @@ def write_index(
         log.warning("could not save index %s (%s); serving it from memory", index_path, error)
 
 
-class Groups:
-    """Songs per album or per artist (CSR over a song -> group table), group 0 left out."""
-
-    def __init__(self, song_group: torch.Tensor) -> None:
-        table = song_group.cpu().numpy()
-        self.order = np.argsort(table, kind="stable")
-        self.starts = np.searchsorted(table[self.order], np.arange(int(table.max()) + 2))
-
-    def songs(self, groups: np.ndarray) -> np.ndarray:
-        """The song tokens of ``groups`` (group 0, [PAD]/[MASK]/unknown, has none)."""
-        groups = groups[groups != 0]
-        parts = [self.order[self.starts[group] : self.starts[group + 1]] for group in groups]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-
 class ApproximateScorer:
     """Top-k song tokens of the head through the index, re-scored exactly (see module doc)."""
 
@@ -215,8 +200,7 @@ class ApproximateScorer:
         self.sample = np.sort(sample) + FIRST_SONG_INDEX
         self.sample_rows = self.rows[torch.from_numpy(self.sample)].contiguous()
         if model.side_pointer:
-            self.by_artist = Groups(model.song_artist)
-            self.by_album = Groups(model.song_album)
+            model.song_groups()  # built here, before gunicorn forks, rather than in each worker
 
     def _can_share(self, shared: faiss.IndexIVFFlat) -> bool:
         """Whether ``shared`` can serve this model's first songs, the rest searched flat."""
@@ -278,10 +262,9 @@ class ApproximateScorer:
         x = model.head_input(predicted).float().cpu()
         queries = torch.cat([x, torch.ones(len(x), 1)], dim=1)
         finite = torch.isfinite(queries).all(dim=1)
-        pointer = self._pointer_parts(encoded, batch) if model.side_pointer else None
+        pointer = self._pointer_entries(encoded, batch) if model.side_pointer else None
         if pointer is not None:
-            finite &= torch.cat([part.reshape(len(batch), -1) for part in pointer[:3]],
-                                dim=1).isfinite().all(dim=1)
+            finite[pointer[0][~torch.isfinite(pointer[2])]] = False
         if self.index is None:
             return [None] * len(batch)
         count = min(self.n_songs, k + max(len(tokens) for tokens in sequences) + SHORTLIST_MARGIN)
@@ -301,7 +284,9 @@ class ApproximateScorer:
             candidates = found[row][found[row] >= 0] + FIRST_SONG_INDEX
             visible = batch[row][batch[row] >= FIRST_SONG_INDEX].cpu().numpy()
             if pointer is not None:
-                candidates = np.concatenate([candidates, self._pointer_candidates(visible)])
+                mine = slice(*pointer[3][row : row + 2])
+                copied, copy_scores = pointer[1][mine].numpy(), pointer[2][mine]
+                candidates = np.concatenate([candidates, copied])
             if seen_bias is not None:  # a positive seen bias can lift a visible song to the top
                 candidates = np.concatenate([candidates, visible])
             candidates = np.unique(candidates)
@@ -310,7 +295,9 @@ class ApproximateScorer:
             chosen = torch.from_numpy(candidates)
             scores = self.rows[chosen] @ queries[row]
             if pointer is not None:
-                scores += self._pointer_scores(pointer, row, batch[row].cpu(), chosen)
+                where = np.searchsorted(candidates, copied).clip(max=len(candidates) - 1)
+                kept = torch.from_numpy(candidates[where] == copied)
+                scores.index_add_(0, torch.from_numpy(where)[kept], copy_scores[kept])
             if seen_bias is not None:
                 scores += seen_bias * torch.from_numpy(np.isin(candidates, visible))
             log_total = self._log_normalizer(scores, queries[row], candidates, seen)
@@ -336,43 +323,15 @@ class ApproximateScorer:
         estimate = tail.logsumexp(dim=0) + math.log(rest / kept)
         return torch.logaddexp(scores.logsumexp(dim=0), estimate)
 
-    def _pointer_parts(
+    def _pointer_entries(
         self, encoded: torch.Tensor, batch: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The side pointer's gates (B, 3), attention and successor attention (B, L) per row."""
-        model = self.model
-        predicted = encoded[:, -1]
-        visible = batch >= FIRST_SONG_INDEX
-        keys = model.pointer_key(encoded)
-        gates = torch.nn.functional.softplus(model.pointer_gate(predicted))
-        attention = model._pointer_attention(model.pointer_query(predicted), keys, visible)
-        successor = model._pointer_attention(model.successor_query(predicted), keys, visible)
-        return gates.float().cpu(), attention.float().cpu(), successor.float().cpu()
-
-    def _pointer_candidates(self, visible: np.ndarray) -> np.ndarray:
-        """Every song the pointer scores above 0: the visible artists' and albums' songs and
-        the visible songs' album successors."""
-        model = self.model
-        successors = model.song_successor[torch.from_numpy(visible)].cpu().numpy()
-        return np.concatenate([
-            self.by_artist.songs(np.unique(model.song_artist[torch.from_numpy(visible)].numpy())),
-            self.by_album.songs(np.unique(model.song_album[torch.from_numpy(visible)].numpy())),
-            successors[successors != 0],
-        ])
-
-    def _pointer_scores(
-        self, pointer: tuple[torch.Tensor, torch.Tensor, torch.Tensor], row: int,
-        tokens: torch.Tensor, chosen: torch.Tensor,
-    ) -> torch.Tensor:
-        """The pointer's copy scores of songs ``chosen`` for one row: what ``pointer_logits``
-        gives at those songs, without building its row over the whole catalog."""
-        model = self.model
-        gates, attention, successor = (part[row] for part in pointer)
-        total = torch.zeros(len(chosen))
-        for gate, table in zip(gates[:2], (model.song_artist, model.song_album), strict=True):
-            group = table[chosen]
-            same = (table[tokens][None, :] == group[:, None]) & (group != 0)[:, None]
-            total += gate * (same * attention).sum(dim=1)
-        following = model.song_successor[tokens]
-        same = (following[None, :] == chosen[:, None]) & (following != 0)[None, :]
-        return total + gates[2] * (same * successor).sum(dim=1)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """The side pointer's (row, song, score) entries of the batch's last positions, sorted
+        by row, and where each row's entries start (one more bound at the end)."""
+        rows = torch.arange(len(batch), device=batch.device)
+        last = torch.full_like(rows, batch.shape[1] - 1)
+        entry_rows, songs, values = (part.cpu() for part in
+                                     self.model.pointer_entries(encoded, batch, rows, last))
+        entry_rows, order = entry_rows.sort(stable=True)
+        bounds = torch.searchsorted(entry_rows, torch.arange(len(batch) + 1)).tolist()
+        return entry_rows, songs[order], values[order].float(), bounds

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from config import ModelConfig
 from dataset import album_successors
-from fused_softmax import LinearCrossEntropy
+from fused_softmax import linear_cross_entropy
 from model import BERT4Rec
 from preprocessing_utils import FEATURE_NAMES, FIRST_SONG_INDEX, MASK_INDEX, PAD_INDEX
 
@@ -100,12 +100,18 @@ def assert_same_value_and_gradient(
 def test_fused_loss_matches_cross_entropy_in_value_and_gradient(chunk: int) -> None:
     x, weight, bias, targets = fused_case()
     assert_same_value_and_gradient(
-        LinearCrossEntropy.apply(x, weight, bias, targets, None, chunk),
+        linear_cross_entropy(x, weight, bias, targets, None, chunk),
         F.cross_entropy(F.linear(x, weight, bias), targets), (x, weight, bias))
-    extra = torch.randn(7, 11, dtype=torch.float64, requires_grad=True)
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.randint(0, 7, (40,), generator=generator)
+    songs = torch.randint(0, 11, (40,), generator=generator)
+    rows[:2], songs[:2] = 0, targets[0]  # row 0's target logit gets the same pair twice
+    values = torch.randn(40, dtype=torch.float64, generator=generator, requires_grad=True)
+    dense = torch.zeros(7, 11, dtype=torch.float64).index_put((rows, songs), values,
+                                                              accumulate=True)
     assert_same_value_and_gradient(
-        LinearCrossEntropy.apply(x, weight, bias, targets, extra, chunk),
-        F.cross_entropy(F.linear(x, weight, bias) + extra, targets), (x, weight, bias, extra))
+        linear_cross_entropy(x, weight, bias, targets, (rows, songs, values), chunk),
+        F.cross_entropy(F.linear(x, weight, bias) + dense, targets), (x, weight, bias, values))
 
 
 @pytest.mark.parametrize("side_pointer", [False, True])
@@ -119,13 +125,14 @@ def test_model_loss_equals_cross_entropy_on_the_masked_positions(side_pointer: b
     encoded = model.encode(inputs)
     logits = model.logits(encoded[masked])
     if side_pointer:
-        rows = masked.nonzero()[:, 0]
-        logits = logits + model.pointer_logits(encoded, inputs, rows, encoded[masked])
+        rows, columns = masked.nonzero(as_tuple=True)
+        logits = logits + model.pointer_logits(encoded, inputs, rows, columns)
     expected = F.cross_entropy(logits, labels[masked])
     torch.testing.assert_close(model.loss(inputs, labels), expected)
     last = model.logits(encoded[:, -1])
     if side_pointer:
-        last = last + model.pointer_logits(encoded, inputs, torch.arange(4), encoded[:, -1])
+        last = last + model.pointer_logits(encoded, inputs, torch.arange(4),
+                                           torch.full((4,), SEQ_LEN - 1))
     torch.testing.assert_close(model.predict_last(inputs)[:, FIRST_SONG_INDEX:],
                                last[:, FIRST_SONG_INDEX:])
 
@@ -138,12 +145,51 @@ def test_side_pointer_scores_the_visible_songs_artists_and_albums_only() -> None
     encoded = model.encode(tokens)
     with torch.no_grad():
         scores = model.pointer_logits(encoded, tokens, torch.zeros(1, dtype=torch.long),
-                                      encoded[:, -1])[0]
+                                      torch.tensor([SEQ_LEN - 1]))[0]
     visible = tokens[0, 3:-1]
     related = torch.isin(model.song_artist, model.song_artist[visible]) | torch.isin(
         model.song_album, model.song_album[visible])
     assert (scores[related & (model.song_artist > 0)] > 0).all()
     assert (scores[~related] == 0).all()
+
+
+@pytest.mark.parametrize("objective", ["cloze", "causal"])
+def test_side_pointer_scores_are_its_attention_summed_by_artist_album_and_successor(
+    objective: str,
+) -> None:
+    """The sparse entries give, song by song, what the pointer's definition says."""
+    model = tiny_model(side_pointer=True, objective=objective).eval()
+    successor = torch.randint(FIRST_SONG_INDEX, N_SONGS, (N_SONGS,),
+                              generator=torch.Generator().manual_seed(2))
+    successor[::3] = 0  # no next track
+    model.set_side_tables(model.song_album, model.song_artist, model.song_features, successor)
+    model.song_artist[[7, 8]] = 0  # songs without an artist score no artist share
+    tokens = random_tokens()
+    tokens[1, :3] = PAD_INDEX
+    tokens[2, 4] = tokens[2, 1]
+    tokens[:, -1] = MASK_INDEX
+    rows, columns = torch.tensor([0, 1, 2, 2, 3]), torch.tensor([7, 7, 7, 2, 5])
+    with torch.no_grad():
+        encoded = model.encode(tokens)
+        scores = model.pointer_logits(encoded, tokens, rows, columns)
+        predicted = encoded[rows, columns]
+        gates = F.softplus(model.pointer_gate(predicted))
+        keys, width = model.pointer_key(encoded), model.config.d_model
+        for m, (row, column) in enumerate(zip(rows.tolist(), columns.tolist(), strict=True)):
+            visible = [place for place, song in enumerate(tokens[row].tolist())
+                       if song >= FIRST_SONG_INDEX and (objective == "cloze" or place <= column)]
+            songs = tokens[row, visible]
+            attention, following = (
+                torch.softmax(keys[row, visible] @ query(predicted[m]) / width**0.5, dim=0)
+                for query in (model.pointer_query, model.successor_query))
+            expected = torch.zeros(N_SONGS)
+            for song in range(FIRST_SONG_INDEX, N_SONGS):
+                for gate, table in zip(gates[m, :2], (model.song_artist, model.song_album),
+                                       strict=True):
+                    if table[song] != 0:
+                        expected[song] += gate * attention[table[songs] == table[song]].sum()
+                expected[song] += gates[m, 2] * following[successor[songs] == song].sum()
+            torch.testing.assert_close(scores[m], expected)
 
 
 def test_album_successors_follow_disc_then_track_order() -> None:
@@ -167,11 +213,11 @@ def test_successor_channel_scores_next_tracks_of_visible_songs_only() -> None:
     masked_songs = [15, 35]  # hidden behind the two [MASK] positions
     encoded = model.encode(tokens)
     rows = torch.zeros(2, dtype=torch.long)
-    predicted = encoded[0, [3, 7]]
+    columns = torch.tensor([3, 7])
     with torch.no_grad():
-        with_successors = model.pointer_logits(encoded, tokens, rows, predicted)
+        with_successors = model.pointer_logits(encoded, tokens, rows, columns)
         model.song_successor.zero_()
-        without = model.pointer_logits(encoded, tokens, rows, predicted)
+        without = model.pointer_logits(encoded, tokens, rows, columns)
     gained = (with_successors - without > 0).any(dim=0).nonzero().squeeze(1).tolist()
     assert gained == [6, 11, 21, 26, 31]
     assert all(song + 1 not in gained for song in masked_songs)
@@ -231,7 +277,8 @@ def test_prediction_reads_the_same_state_as_the_full_encoder(side_pointer: bool)
         expected = model.logits(full[:, -1]).float()
         if side_pointer:
             rows = torch.arange(len(tokens))
-            expected = expected + model.pointer_logits(full, tokens, rows, full[:, -1])
+            expected = expected + model.pointer_logits(full, tokens, rows,
+                                                       torch.full_like(rows, SEQ_LEN - 1))
         expected[:, :FIRST_SONG_INDEX] = float("-inf")
         torch.testing.assert_close(model.predict_last(tokens), expected)
 

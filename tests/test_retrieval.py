@@ -7,14 +7,13 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from training_support import SONG_IDS, make_encoders, tiny_config, write_data
 
 import retrieval
 from checkpoint import build_model
-from preprocessing_utils import FIRST_SONG_INDEX, MASK_INDEX
+from preprocessing_utils import FIRST_SONG_INDEX
 from recommender import NonFiniteScores, Recommender
 from retrieval import index_files, resolve_index_mode
 from train import train
@@ -37,10 +36,11 @@ def checkpoint(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 def pair(
-    data_dir: Path, side_pointer: bool, seen_bias: float | None = None
+    data_dir: Path, side_pointer: bool, seen_bias: float | None = None,
+    pointer_gate: float | None = None,
 ) -> tuple[Recommender, Recommender]:
     """An exact and an approximate Recommender over the same random model (with ``seen_bias``,
-    the model's seen bias set to that value)."""
+    the model's seen bias set to that value; with ``pointer_gate``, the pointer's gate bias)."""
     encoders = make_encoders()
     torch.manual_seed(5)
     overrides = {"model.side_pointer": side_pointer, "model.seen_bias": seen_bias is not None}
@@ -48,6 +48,9 @@ def pair(
     if seen_bias is not None:
         with torch.no_grad():
             model.seen_song_bias.fill_(seen_bias)
+    if pointer_gate is not None:
+        with torch.no_grad():
+            model.pointer_gate.bias.fill_(pointer_gate)
     popularity = torch.ones(encoders.n_song_tokens)
     return (Recommender(model, encoders, popularity, "test", index="exact"),
             Recommender(model, encoders, popularity, "test", index="approximate"))
@@ -96,22 +99,24 @@ def test_a_positive_seen_bias_brings_the_playlists_songs_back_into_a_short_retri
         assert set(found.song_ids[:len(set(playlist))]) <= set(playlist)
 
 
-def test_pointer_candidates_hold_every_song_the_pointer_scores(data_dir: Path) -> None:
-    _, approximate = pair(data_dir, side_pointer=True)
-    scorer = approximate.approximate
-    assert scorer is not None
+def test_songs_only_the_pointer_lifts_are_merged_into_a_short_retrieval(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index knows nothing of the pointer's copy scores: the songs it scores are merged
+    into the shortlist and re-scored with them, so with large gates the top songs are the
+    pointer's, as in exact mode."""
+    monkeypatch.setattr(retrieval, "SHORTLIST_MARGIN", 0)
+    exact, approximate = pair(data_dir, side_pointer=True, pointer_gate=12.0)
     model = approximate.model
-    tokens = torch.from_numpy(approximate.encoders.encode_songs(PLAYLISTS[0]))
-    batch = torch.cat([tokens, torch.tensor([MASK_INDEX])])[None, :]
-    with torch.no_grad():
-        encoded = model.encode(batch)
-        full = model.pointer_logits(encoded, batch, torch.tensor([0]), encoded[:, -1])[0]
-        candidates = np.unique(scorer._pointer_candidates(tokens.numpy()))
-        chosen = torch.from_numpy(candidates)
-        sparse = scorer._pointer_scores(scorer._pointer_parts(encoded, batch), 0, batch[0], chosen)
-    assert set(full.nonzero()[:, 0].tolist()) <= set(candidates.tolist())
-    assert candidates.min() >= FIRST_SONG_INDEX
-    assert torch.allclose(sparse, full[chosen], atol=1e-6)
+    for playlist in PLAYLISTS:
+        found = approximate.recommend([playlist], k=3, exclude_seen=False)[0]
+        assert found.song_ids == exact.recommend([playlist], k=3, exclude_seen=False)[0].song_ids
+        tokens = torch.from_numpy(approximate.encoders.encode_songs(playlist))
+        top = torch.from_numpy(approximate.encoders.encode_songs(found.song_ids))
+        related = (torch.isin(model.song_artist[top], model.song_artist[tokens])
+                   | torch.isin(model.song_album[top], model.song_album[tokens])
+                   | torch.isin(top, model.song_successor[tokens]))
+        assert related.all()
 
 
 def test_a_saved_index_is_reused_and_a_stale_or_foreign_one_rebuilt(

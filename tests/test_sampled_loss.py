@@ -154,9 +154,9 @@ def test_pointer_and_head_at_candidates_equal_the_full_columns() -> None:
     candidates = torch.tensor([2, 5, 5, 9, 17, 31, 39, 3])
     with torch.no_grad():
         encoded = model.encode(inputs)
-        rows = masked.nonzero()[:, 0]
-        dense = model.pointer_logits(encoded, inputs, rows, encoded[masked])
-        sparse = model.pointer_logits(encoded, inputs, rows, encoded[masked], candidates)
+        rows, columns = masked.nonzero(as_tuple=True)
+        dense = model.pointer_logits(encoded, inputs, rows, columns)
+        sparse = model.pointer_logits(encoded, inputs, rows, columns, candidates)
         torch.testing.assert_close(sparse, dense[:, candidates])
         assert dense[:, candidates].abs().sum() > 0
         torch.testing.assert_close(model.candidate_vectors(candidates),

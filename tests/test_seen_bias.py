@@ -14,7 +14,7 @@ from training_support import make_encoders, write_data
 from training_support import tiny_config as tiny_run_config
 
 from checkpoint import load_checkpoint
-from fused_softmax import LinearCrossEntropy
+from fused_softmax import linear_cross_entropy, split_seen_keys
 from model import BERT4Rec
 from preprocessing_utils import FIRST_SONG_INDEX, MASK_INDEX, PAD_INDEX
 from sampled_softmax import NegativeSampler
@@ -52,7 +52,8 @@ def test_fused_loss_adds_the_seen_value_at_its_entries_in_value_and_gradient(chu
     seen[[0, 0, 1, 2, 4, 6, 6], [3, 10, 3, 10, 2, 0, 10]] = 1.0  # rows 2 and 4: target seen
     keys = torch.unique(seen.nonzero()[:, 1] * 7 + seen.nonzero()[:, 0])
     assert_same_value_and_gradient(
-        LinearCrossEntropy.apply(x, weight, bias, targets, None, chunk, value, keys),
+        linear_cross_entropy(x, weight, bias, targets,
+                             (*split_seen_keys(keys, 7), value.expand(len(keys))), chunk),
         F.cross_entropy(F.linear(x, weight, bias) + value * seen, targets),
         (x, weight, bias, value))
 
