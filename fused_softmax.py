@@ -12,6 +12,9 @@ import torch
 
 # logits per block of the fused loss (1 MB of float32, so a block stays in a core's L2 cache)
 BLOCK_LOGITS = 1 << 18
+# up to this many logits in all (64 MB of float32) the forward pass keeps its blocks for the
+# backward pass instead of recomputing them: the demo's 600 x 12k of a step
+KEPT_LOGITS = 1 << 24
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -24,6 +27,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     backward pass recomputes each chunk's logits and turns them into the softmax gradient
     while the chunk is still in cache. One extra matrix product buys the removal of every
     pass over a tensor that fits no cache, which on a CPU costs more than the arithmetic.
+    Logits of up to ``KEPT_LOGITS`` in all are kept from the forward pass instead.
     The entries ``values[i]`` are added to the logit of song ``songs[i]`` in row ``rows[i]``
     (a pair may repeat; its values add up): the side pointer's copy scores and the seen bias,
     without any (rows x songs) tensor. Single backward only.
@@ -38,14 +42,18 @@ class LinearCrossEntropy(torch.autograd.Function):
         """Loss from the chunked log-sum-exp and the target logits (plus their entries)."""
         entries = _ChunkedEntries(rows, songs, values.to(x.dtype), len(weight), chunk)
         log_total = torch.full((len(targets),), float("-inf"), dtype=x.dtype, device=x.device)
+        kept = []
         for start in range(0, len(weight), chunk):
             logits = torch.addmm(bias[start : start + chunk], x, weight[start : start + chunk].T)
             entries.add_to(logits, start)
             log_total = torch.logaddexp(log_total, logits.logsumexp(dim=1))
+            if len(targets) * len(weight) <= KEPT_LOGITS:
+                kept.append(logits)
         target_logit = torch.einsum("md,md->m", x, weight[targets]) + bias[targets]
         target_logit = target_logit + entries.at_targets(targets)
         ctx.chunk = chunk
         ctx.entries = entries
+        ctx.kept = kept
         ctx.save_for_backward(x, weight, bias, log_total, targets)
         return (log_total - target_logit).mean()
 
@@ -59,10 +67,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_bias = torch.empty_like(bias)
         rows = torch.arange(len(targets), device=targets.device)
         entries = ctx.entries
-        for start in range(0, len(weight), ctx.chunk):
-            logits = torch.addmm(bias[start : start + ctx.chunk], x,
-                                 weight[start : start + ctx.chunk].T)
-            entries.add_to(logits, start)
+        for block, start in enumerate(range(0, len(weight), ctx.chunk)):
+            if ctx.kept:
+                logits = ctx.kept[block]
+            else:
+                logits = torch.addmm(bias[start : start + ctx.chunk], x,
+                                     weight[start : start + ctx.chunk].T)
+                entries.add_to(logits, start)
             probabilities = logits.sub_(log_total[:, None]).exp_()
             hit = (targets >= start) & (targets < start + ctx.chunk)
             probabilities[rows[hit], targets[hit] - start] -= 1.0

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fused_softmax
 from config import ModelConfig
 from dataset import album_successors
 from fused_softmax import linear_cross_entropy
@@ -96,8 +97,13 @@ def assert_same_value_and_gradient(
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("kept_logits", [0, fused_softmax.KEPT_LOGITS])
 @pytest.mark.parametrize("chunk", [4, 11, 4096])
-def test_fused_loss_matches_cross_entropy_in_value_and_gradient(chunk: int) -> None:
+def test_fused_loss_matches_cross_entropy_in_value_and_gradient(
+    chunk: int, kept_logits: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the logits recomputed in the backward pass or kept from the forward pass."""
+    monkeypatch.setattr(fused_softmax, "KEPT_LOGITS", kept_logits)
     x, weight, bias, targets = fused_case()
     assert_same_value_and_gradient(
         linear_cross_entropy(x, weight, bias, targets, None, chunk),
