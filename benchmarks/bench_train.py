@@ -94,7 +94,7 @@ def measure_training(args: argparse.Namespace, original: bool) -> dict[str, floa
     batches.set_epoch(0)
     sampler = None
     if args.loss == "sampled":
-        counts = torch.bincount(torch.from_numpy(playlists.songs), minlength=len(model.head_bias))
+        counts = torch.bincount(torch.from_numpy(playlists.songs), minlength=model.n_song_tokens)
         sampler = NegativeSampler(counts, args.negatives, args.alpha)
     seconds = 0.0
     for index in range(args.steps + WARMUP):
