@@ -105,6 +105,20 @@ class Block(nn.Module):
         return x + self.dropout(self.feed_forward(self.feed_forward_norm(x)))
 
 
+def dense_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor,
+    entries: Entries | None,
+) -> torch.Tensor:
+    """The loss of ``linear_cross_entropy`` from whole logits, for the GPU: there the
+    (rows x catalog) logits fit, and one large matrix product beats a loop over chunks."""
+    logits = F.linear(x, weight, bias)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 autocast: fp32
+    if entries is not None:
+        rows, songs, values = entries
+        logits = logits.index_put((rows, songs), values.to(logits.dtype), accumulate=True)
+    return F.cross_entropy(logits, targets)
+
+
 def causal_mask(padding: torch.Tensor) -> torch.Tensor:
     """Attention mask (B, 1, L, L): query i sees non-padding keys j <= i, and always itself.
 
@@ -502,11 +516,7 @@ class BERT4Rec(nn.Module):
         joined = join(entries) if entries else None
         if not hidden.is_cuda:
             return linear_cross_entropy(x, weight, bias, targets, joined)
-        logits = F.linear(x, weight, bias).float()
-        if joined is not None:
-            entry_rows, songs, values = joined
-            logits = logits.index_put((entry_rows, songs), values.float(), accumulate=True)
-        return F.cross_entropy(logits, targets)
+        return dense_cross_entropy(x, weight, bias, targets, joined)
 
     def _sampled_loss(
         self, encoded: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor,

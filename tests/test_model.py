@@ -13,7 +13,7 @@ import fused_softmax
 from config import ModelConfig
 from dataset import album_successors
 from fused_softmax import linear_cross_entropy
-from model import BERT4Rec
+from model import BERT4Rec, dense_cross_entropy
 from preprocessing_utils import FEATURE_NAMES, FIRST_SONG_INDEX, MASK_INDEX, PAD_INDEX
 
 N_SONGS, N_ALBUMS, N_ARTISTS, N_FEATURES, SEQ_LEN = 40, 9, 5, 21, 8
@@ -118,6 +118,19 @@ def test_fused_loss_matches_cross_entropy_in_value_and_gradient(
     assert_same_value_and_gradient(
         linear_cross_entropy(x, weight, bias, targets, (rows, songs, values), chunk),
         F.cross_entropy(F.linear(x, weight, bias) + dense, targets), (x, weight, bias, values))
+
+
+
+def test_the_gpu_loss_from_whole_logits_equals_the_fused_one() -> None:
+    x, weight, bias, targets = fused_case()
+    generator = torch.Generator().manual_seed(4)
+    rows, songs = torch.randint(0, 7, (30,), generator=generator), torch.randint(0, 11, (30,),
+                                                                               generator=generator)
+    values = torch.randn(30, dtype=torch.float64, generator=generator, requires_grad=True)
+    entries = rows, songs, values
+    assert_same_value_and_gradient(dense_cross_entropy(x, weight, bias, targets, entries),
+                                   linear_cross_entropy(x, weight, bias, targets, entries),
+                                   (x, weight, bias, values))
 
 
 @pytest.mark.parametrize("side_pointer", [False, True])
