@@ -196,8 +196,9 @@ def extend_at_start(recommender: Recommender, settings: Settings
     gunicorn master before the fork; on failure (logged) the same recommender and None.
     Either way its tables end up in a TableReserve, so that a worker's later refresh appends
     rows in place instead of copying what the workers share (table_reserve.py)."""
-    from cold_start import with_reserve
+    from cold_start import prepare_for_extensions, with_reserve
 
+    prepare_for_extensions()
     started = time.perf_counter()
     try:
         extension = extend_from_database(recommender, settings, None)

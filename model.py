@@ -161,7 +161,11 @@ class BERT4Rec(nn.Module):
         n_artist_tokens: int,
         n_features: int,
         seq_len: int,
+        tables_on: str | torch.device | None = None,
     ) -> None:
+        """``tables_on="meta"`` creates the catalog-sized tables (embeddings, head bias, per-song
+        tables) without memory or initialisation, for a caller that assigns every one of them
+        (cold_start.extend_model: 900 MB and 2.5 s at 2.26M songs otherwise)."""
         super().__init__()
         config = model_config
         d_model = config.d_model
@@ -175,14 +179,21 @@ class BERT4Rec(nn.Module):
             n_features > 0 or n_album_tokens > 1 or n_artist_tokens > 1
         )
         song_width = config.d_song if self.use_side else d_model
-        self.song_embedding = nn.Embedding(n_song_tokens, song_width, padding_idx=PAD_INDEX)
+        on = tables_on
+        self.song_embedding = nn.Embedding(n_song_tokens, song_width, padding_idx=PAD_INDEX,
+                                           device=on)
         if self.use_side:
-            self.album_embedding = nn.Embedding(n_album_tokens, config.d_album, padding_idx=0)
-            self.artist_embedding = nn.Embedding(n_artist_tokens, config.d_artist, padding_idx=0)
+            self.album_embedding = nn.Embedding(n_album_tokens, config.d_album, padding_idx=0,
+                                                device=on)
+            self.artist_embedding = nn.Embedding(n_artist_tokens, config.d_artist, padding_idx=0,
+                                                 device=on)
             self.feature_projection = nn.Linear(n_features, d_model) if n_features else None
-            self.register_buffer("song_album", torch.zeros(n_song_tokens, dtype=torch.long))
-            self.register_buffer("song_artist", torch.zeros(n_song_tokens, dtype=torch.long))
-            self.register_buffer("song_features", torch.zeros(n_song_tokens, n_features))
+            self.register_buffer("song_album", torch.zeros(n_song_tokens, dtype=torch.long,
+                                                           device=on))
+            self.register_buffer("song_artist", torch.zeros(n_song_tokens, dtype=torch.long,
+                                                            device=on))
+            self.register_buffer("song_features", torch.zeros(n_song_tokens, n_features,
+                                                              device=on))
         self.input_norm = nn.LayerNorm(d_model)
         if config.positional == "learned":
             self.position_embedding = nn.Parameter(sinusoidal_table(seq_len, d_model))
@@ -199,7 +210,7 @@ class BERT4Rec(nn.Module):
             self.head_transform = nn.Sequential(
                 nn.Linear(d_model, song_width), nn.GELU(), nn.LayerNorm(song_width)
             )
-            self.head_bias = nn.Parameter(torch.zeros(n_song_tokens))
+            self.head_bias = nn.Parameter(torch.zeros(n_song_tokens, device=on))
             if self.use_side:
                 self.album_to_song = nn.Linear(config.d_album, song_width, bias=False)
                 self.artist_to_song = nn.Linear(config.d_artist, song_width, bias=False)
@@ -207,14 +218,15 @@ class BERT4Rec(nn.Module):
                     nn.Linear(n_features, song_width, bias=False) if n_features else None
                 )
         else:
-            self.head = nn.Linear(d_model, n_song_tokens)
+            self.head = nn.Linear(d_model, n_song_tokens, device=on)
         self.side_pointer = config.side_pointer and self.use_side
         if self.side_pointer:
             self.pointer_query = nn.Linear(d_model, d_model)
             self.pointer_key = nn.Linear(d_model, d_model)
             self.successor_query = nn.Linear(d_model, d_model)
             self.pointer_gate = nn.Linear(d_model, 3)
-            self.register_buffer("song_successor", torch.zeros(n_song_tokens, dtype=torch.long))
+            self.register_buffer("song_successor", torch.zeros(n_song_tokens, dtype=torch.long,
+                                                               device=on))
         # without side parts nothing can stand in for a dropped song: dropout would only hurt;
         # registered last, so the parameters of a network without them keep their order
         self.song_dropout = config.song_dropout if self.use_side else 0.0
