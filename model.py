@@ -422,8 +422,8 @@ class BERT4Rec(nn.Module):
             scores = torch.zeros(len(rows), self.n_song_tokens, dtype=values.dtype,
                                  device=values.device)
             return scores.index_put((entry_rows, songs), values, accumulate=True)
-        songs, visible, keys, gates = self._pointer_inputs(hidden, tokens, rows, columns)
-        predicted = hidden[rows, columns]
+        songs, visible, predicted, keys, gates = self._pointer_inputs(hidden, tokens, rows,
+                                                                      columns)
         attention = self._pointer_attention(self.pointer_query(predicted), keys, rows, columns,
                                             visible)
         scores = (gates[:, :1] * sums_at(self.song_artist[songs], attention,
@@ -441,8 +441,8 @@ class BERT4Rec(nn.Module):
     ) -> Entries:
         """Every copy score ``pointer_logits`` gives, as (row, song, value) entries (pointer.py):
         the songs of the visible artists and albums and the visible songs' successors only."""
-        songs, visible, keys, gates = self._pointer_inputs(hidden, tokens, rows, columns)
-        predicted = hidden[rows, columns]
+        songs, visible, predicted, keys, gates = self._pointer_inputs(hidden, tokens, rows,
+                                                                      columns)
         by_artist, by_album = self.song_groups()
         attention = self._pointer_attention(self.pointer_query(predicted), keys, rows, columns,
                                             visible)
@@ -457,16 +457,17 @@ class BERT4Rec(nn.Module):
     def _pointer_inputs(
         self, hidden: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor,
         columns: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The input songs of each predicted position and which it sees (M, L), the keys of
-        every position (B, L, d_model) and the gates (M, 3)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The input songs of each predicted position and which it sees (M, L), its hidden
+        state (M, d_model), the keys of every position (B, L, d_model) and the gates (M, 3)."""
         songs = tokens[rows]
         visible = songs >= FIRST_SONG_INDEX
         if self.causal:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
             visible = visible & (positions[None, :] <= columns[:, None])
-        gates = F.softplus(self.pointer_gate(hidden[rows, columns]))
-        return songs, visible, self.pointer_key(hidden), gates
+        predicted = hidden[rows, columns]
+        gates = F.softplus(self.pointer_gate(predicted))
+        return songs, visible, predicted, self.pointer_key(hidden), gates
 
     def song_groups(self) -> tuple[SongGroups, SongGroups]:
         """The songs of each artist and of each album, built again only when those tables

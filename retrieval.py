@@ -294,7 +294,7 @@ class ApproximateScorer:
             candidates = candidates[~np.isin(candidates, seen)]
             chosen = torch.from_numpy(candidates)
             scores = self.rows[chosen] @ queries[row]
-            if pointer is not None:
+            if pointer is not None and len(candidates):
                 where = np.searchsorted(candidates, copied).clip(max=len(candidates) - 1)
                 kept = torch.from_numpy(candidates[where] == copied)
                 scores.index_add_(0, torch.from_numpy(where)[kept], copy_scores[kept])

@@ -119,6 +119,15 @@ def test_songs_only_the_pointer_lifts_are_merged_into_a_short_retrieval(
         assert related.all()
 
 
+def test_a_playlist_holding_the_whole_catalog_gets_no_songs_in_either_mode(
+    data_dir: Path,
+) -> None:
+    """Every candidate is excluded as seen: an empty answer, as in exact mode, not an error."""
+    every = [int(song) for song in SONG_IDS]
+    for recommender in pair(data_dir, side_pointer=True):
+        assert recommender.recommend([every], k=3)[0].song_ids == []
+
+
 def test_a_saved_index_is_reused_and_a_stale_or_foreign_one_rebuilt(
     checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
