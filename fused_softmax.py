@@ -42,12 +42,12 @@ class LinearCrossEntropy(torch.autograd.Function):
         """Loss from the chunked log-sum-exp and the target logits (plus their entries)."""
         entries = _ChunkedEntries(rows, songs, values.to(x.dtype), len(weight), chunk)
         log_total = torch.full((len(targets),), float("-inf"), dtype=x.dtype, device=x.device)
+        keep = len(targets) * len(weight) <= KEPT_LOGITS
         kept = []
         for start in range(0, len(weight), chunk):
-            logits = torch.addmm(bias[start : start + chunk], x, weight[start : start + chunk].T)
-            entries.add_to(logits, start)
+            logits = _chunk_logits(x, weight, bias, entries, start, chunk)
             log_total = torch.logaddexp(log_total, logits.logsumexp(dim=1))
-            if len(targets) * len(weight) <= KEPT_LOGITS:
+            if keep:
                 kept.append(logits)
         target_logit = torch.einsum("md,md->m", x, weight[targets]) + bias[targets]
         target_logit = target_logit + entries.at_targets(targets)
@@ -68,12 +68,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         rows = torch.arange(len(targets), device=targets.device)
         entries = ctx.entries
         for block, start in enumerate(range(0, len(weight), ctx.chunk)):
-            if ctx.kept:
-                logits = ctx.kept[block]
-            else:
-                logits = torch.addmm(bias[start : start + ctx.chunk], x,
-                                     weight[start : start + ctx.chunk].T)
-                entries.add_to(logits, start)
+            logits = (ctx.kept[block] if ctx.kept
+                      else _chunk_logits(x, weight, bias, entries, start, ctx.chunk))
             probabilities = logits.sub_(log_total[:, None]).exp_()
             hit = (targets >= start) & (targets < start + ctx.chunk)
             probabilities[rows[hit], targets[hit] - start] -= 1.0
@@ -85,6 +81,16 @@ class LinearCrossEntropy(torch.autograd.Function):
             entries.take_gradient(probabilities, start)
         grad_values = entries.gradient() if ctx.needs_input_grad[7] else None
         return grad_x, grad_weight, grad_bias, None, None, None, None, grad_values
+
+
+def _chunk_logits(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, entries: _ChunkedEntries,
+    start: int, chunk: int,
+) -> torch.Tensor:
+    """Logits of songs ``start .. start + chunk`` (rows x chunk), with their entries added."""
+    logits = torch.addmm(bias[start : start + chunk], x, weight[start : start + chunk].T)
+    entries.add_to(logits, start)
+    return logits
 
 
 def linear_cross_entropy(
