@@ -77,26 +77,34 @@ def test_seen_songs_are_excluded_after_a_short_retrieval(
     data_dir: Path, side_pointer: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With no margin the shortlist is k + the playlist's length: after dropping the seen
-    songs, k remain, none of them seen, and they are exact mode's."""
+    songs, k remain, none of them seen, and they are exact mode's; their probabilities too,
+    since the normalizer's sample of the songs not re-scored is this small catalog whole."""
     monkeypatch.setattr(retrieval, "SHORTLIST_MARGIN", 0)
     exact, approximate = pair(data_dir, side_pointer)
     for playlist in PLAYLISTS:
         found = approximate.recommend([playlist], k=3)[0]
+        truth = exact.recommend([playlist], k=3)[0]
         assert len(found.song_ids) == 3 and not set(found.song_ids) & set(playlist)
-        assert found.song_ids == exact.recommend([playlist], k=3)[0].song_ids
+        assert found.song_ids == truth.song_ids
+        assert found.scores == pytest.approx(truth.scores, rel=1e-4)
 
 
 def test_a_positive_seen_bias_brings_the_playlists_songs_back_into_a_short_retrieval(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The index knows nothing of the seen bias: the input's songs are merged into the
-    shortlist and re-scored with it, so a large bias puts them first, as in exact mode."""
+    shortlist and re-scored with it, so a large bias puts them first, as in exact mode; with
+    seen songs excluded none of them is shown, as in exact mode."""
     monkeypatch.setattr(retrieval, "SHORTLIST_MARGIN", 0)
     exact, approximate = pair(data_dir, side_pointer=False, seen_bias=50.0)
     for playlist in PLAYLISTS:
         found = approximate.recommend([playlist], k=3, exclude_seen=False)[0]
         assert found.song_ids == exact.recommend([playlist], k=3, exclude_seen=False)[0].song_ids
         assert set(found.song_ids[:len(set(playlist))]) <= set(playlist)
+        kept_out = approximate.recommend([playlist], k=3, exclude_seen=True)[0]
+        truth = exact.recommend([playlist], k=3, exclude_seen=True)[0]
+        assert kept_out.song_ids == truth.song_ids and not set(kept_out.song_ids) & set(playlist)
+        assert kept_out.scores == pytest.approx(truth.scores, rel=1e-4)
 
 
 def test_songs_only_the_pointer_lifts_are_merged_into_a_short_retrieval(
