@@ -288,6 +288,7 @@ class ApproximateScorer:
         # excluded (every visible song is one of the playlist's)
         seen_bias = (model.seen_song_bias.detach().float().cpu()
                      if model.seen_bias and not exclude_seen else None)
+        sample_scores = safe @ self.sample_rows.T  # one product for the batch, not one a row
         results: list[tuple[np.ndarray, np.ndarray] | None] = []
         for row, tokens in enumerate(sequences):
             if not finite[row]:
@@ -312,18 +313,20 @@ class ApproximateScorer:
                 scores.index_add_(0, torch.from_numpy(where)[kept], copy_scores[kept])
             if seen_bias is not None:
                 scores += seen_bias * torch.from_numpy(contains(visible, candidates))
-            log_total = self._log_normalizer(scores, queries[row], candidates, seen)
+            log_total = self._log_normalizer(scores, sample_scores[row], candidates, seen)
             top = scores.topk(min(k, len(scores)))
             results.append((candidates[top.indices.numpy()],
                             (top.values - log_total).exp().numpy()))
         return results
 
     def _log_normalizer(
-        self, scores: torch.Tensor, query: torch.Tensor, candidates: np.ndarray, seen: np.ndarray
+        self, scores: torch.Tensor, sample_scores: torch.Tensor, candidates: np.ndarray,
+        seen: np.ndarray,
     ) -> torch.Tensor:
         """log Σ exp(score) over every song not excluded: the candidates exactly, the others
         as the fixed sample's mean times their number; ``candidates`` and ``seen`` are disjoint
-        and hold no repeats."""
+        and hold no repeats; ``sample_scores``, the fixed sample's scores for this query, is
+        overwritten."""
         rest = self.n_songs - len(candidates) - len(seen)
         excluded = np.concatenate([candidates, seen])
         where = np.searchsorted(self.sample, excluded).clip(max=len(self.sample) - 1)
@@ -331,7 +334,7 @@ class ApproximateScorer:
         kept = len(self.sample) - len(inside)
         if rest <= 0 or kept == 0:
             return scores.logsumexp(dim=0)
-        tail = (self.sample_rows @ query).index_fill_(0, torch.from_numpy(inside), -math.inf)
+        tail = sample_scores.index_fill_(0, torch.from_numpy(inside), -math.inf)
         estimate = tail.logsumexp(dim=0) + math.log(rest / kept)
         return torch.logaddexp(scores.logsumexp(dim=0), estimate)
 
