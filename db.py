@@ -438,7 +438,8 @@ def load_csv_tables(connection: Connection, data_dir: Path) -> dict[str, int]:
     """COPY the five CSV tables into the database in one transaction; rows inserted per table.
 
     Each file is copied into a temporary table and inserted with ON CONFLICT DO NOTHING, so a
-    second load inserts nothing and leaves the same rows.
+    second load inserts nothing and leaves the same rows. The tables are analyzed in the same
+    transaction, so the first queries after a load are planned with their real sizes.
     """
     data_dir = Path(data_dir)
     headers = {}
@@ -466,6 +467,8 @@ def load_csv_tables(connection: Connection, data_dir: Path) -> dict[str, int]:
             except (psycopg2.DataError, psycopg2.IntegrityError) as error:
                 raise DataError(f"{path.name}: {one_line(error)}") from None
             inserted[table] = cursor.rowcount
+        for table in headers:
+            cursor.execute(sql.SQL(sql_text("analyze")).format(table=sql.Identifier(table)))
     return inserted
 
 

@@ -347,10 +347,29 @@ def soak(server: Server, bodies: list[dict], clients: int, seconds: float) -> di
             "worker_rss_mb_start": rss_start, "worker_rss_mb_end": server.worker_rss_mb()}
 
 
+def batch_totals(port: int) -> tuple[float, float]:
+    """The queue's claimed batches so far and the seconds spent scoring and storing them, over
+    every worker, from /metrics."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    totals = {"count": 0.0, "sum": 0.0}
+    for line in text.splitlines():
+        for part in totals:
+            if line.startswith(f"b4mr_job_batch_seconds_{part}"):
+                totals[part] += float(line.split()[-1])
+    return totals["count"], totals["sum"]
+
+
 def bench_async(port: int, database: ThrowawayDatabase, playlist_ids: list[int], k: int
                 ) -> dict[str, float]:
-    """Jobs/s from the first POST /recommend until every result is stored."""
+    """Jobs/s from the first POST /recommend until every result is stored, and how the queue
+    batched them (batches, jobs per batch, seconds per batch to read, score and store)."""
     database.query("TRUNCATE recommendation_jobs, recommendations")
+    batches_before, seconds_before = batch_totals(port)
 
     def enqueue(playlist_id: int) -> None:
         status, body = request(port, "POST", "/recommend", {"playlist_id": playlist_id, "k": k})
@@ -373,9 +392,15 @@ def bench_async(port: int, database: ThrowawayDatabase, playlist_ids: list[int],
         time.sleep(0.02)
     elapsed = time.perf_counter() - started
     stored = database.query("SELECT count(*) FROM recommendations")[0][0]
+    batches_after, seconds_after = batch_totals(port)
+    batches = batches_after - batches_before
     return {"jobs": len(playlist_ids), "failed": done[1], "stored_rows": stored,
             "enqueue_per_s": round(len(playlist_ids) / enqueued, 1),
-            "seconds": round(elapsed, 2), "jobs_per_s": round(len(playlist_ids) / elapsed, 1)}
+            "seconds": round(elapsed, 2), "jobs_per_s": round(len(playlist_ids) / elapsed, 1),
+            "batches": int(batches),
+            "jobs_per_batch": round(len(playlist_ids) / batches, 1) if batches else None,
+            "batch_ms": round(1000 * (seconds_after - seconds_before) / batches, 2)
+            if batches else None}
 
 
 def score_all(env: dict[str, str]) -> dict[str, float]:

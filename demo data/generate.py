@@ -1064,7 +1064,7 @@ def load_database(connection: Any, chunks: Iterable[TableChunks]) -> dict[str, i
         for statement in rebuild:
             cursor.execute(statement)
         for table in TABLES:
-            cursor.execute(sql.SQL(sql_text("generate_analyze")).format(
+            cursor.execute(sql.SQL(sql_text("analyze")).format(
                 table=sql.Identifier(table)))
         print(f"indexes and foreign keys: rebuilt and checked in "
               f"{time.perf_counter() - started:.1f} s", flush=True)

@@ -278,6 +278,18 @@ def demo_database(module_pg_dsn: str) -> str:
     return module_pg_dsn
 
 
+def test_a_load_leaves_planner_statistics_of_every_table_it_loaded(demo_database: str) -> None:
+    """Right after a load, before autovacuum runs, the planner must know the tables: without
+    statistics it read a queue batch's playlists by scanning all of playlist_songs (253 ms a
+    batch at 2.26M rows, against 0.5 ms by its index)."""
+    with db.connected(demo_database) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT tablename, count(*) FROM pg_stats WHERE schemaname = 'public' "
+                       "GROUP BY tablename")
+        columns_with_statistics = dict(cursor.fetchall())
+    for table in db.CSV_COLUMNS:
+        assert columns_with_statistics.get(table, 0) > 0, table
+
+
 def test_demo_data_gives_identical_files_from_postgres_and_csv(
     demo_database: str, tmp_path: Path
 ) -> None:

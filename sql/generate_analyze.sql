@@ -1,2 +1,0 @@
--- demo data/generate.py --database: fresh planner statistics after the load.
-ANALYZE {table}
