@@ -7,8 +7,9 @@
         --nprobe 64,128,256
 
 A model of the preset's shape at full vocabulary sizes (``--songs``; albums and artists scale
-with it as in the original catalog) with random weights; one playlist of 5..60 catalog ids per
-call, top-10 with exclude_seen, through the ``--index`` given. ``recall@10`` is the share of the
+with it as in the original catalog) with random weights, seeded so that every run measures the
+same model; one playlist of 5..60 catalog ids per call, top-10 with exclude_seen, through the
+``--index`` given. ``recall@10`` is the share of the
 exact top-10 that the same call finds, over the timed playlists; with ``--real CHECKPOINT``
 also over real playlists for a trained model: the demo data's (each without its last song), or
 with ``--real-data DIR`` (the preprocessing.py folder the checkpoint was trained on) the inputs
@@ -203,6 +204,7 @@ def main() -> None:
         features, np.zeros(numeric), np.zeros(numeric), np.ones(numeric), True,
     )
     compare = args.index == "exact"
+    torch.manual_seed(0)  # the same random model in every run, so runs compare like for like
     models = [build_model(load_config(args.preset, overrides=overrides), encoders).eval()
               for overrides in ([], ["model.tie_head=false"])[: 2 if compare else 1]]
     started = time.perf_counter()
