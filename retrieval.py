@@ -37,7 +37,7 @@ import torch
 from atomic_files import atomic_write
 from checkpoint import read_weights_only
 from model import BERT4Rec
-from preprocessing_utils import FIRST_SONG_INDEX
+from preprocessing_utils import FIRST_SONG_INDEX, find_ids
 from table_reserve import TableReserve
 
 INDEX_MODES = ("exact", "approximate", "auto")
@@ -61,15 +61,6 @@ def resolve_index_mode(mode: str, n_songs: int) -> str:
     if mode == "auto":
         return "approximate" if n_songs >= AUTO_MIN_SONGS else "exact"
     return mode
-
-
-def contains(sorted_values: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Whether each of ``values`` is in ``sorted_values`` (sorted, no repeats): a binary
-    search each, where np.isin's sorting costs several times more on a playlist's few songs."""
-    if not len(sorted_values):
-        return np.zeros(len(values), dtype=bool)
-    where = np.searchsorted(sorted_values, values).clip(max=len(sorted_values) - 1)
-    return sorted_values[where] == values
 
 
 def head_rows(model: BERT4Rec, first: int = 0) -> torch.Tensor:
@@ -304,15 +295,17 @@ class ApproximateScorer:
                 parts.append(visible)
             candidates = np.unique(np.concatenate(parts))
             seen = np.unique(tokens) if exclude_seen else np.zeros(0, dtype=np.int64)
-            candidates = candidates[~contains(seen, candidates)]
+            # binary searches in these few sorted songs: np.isin's sorting costs several times more
+            candidates = candidates[find_ids(seen, candidates) < 0]
             chosen = torch.from_numpy(candidates)
             scores = self.rows[chosen] @ queries[row]
-            if pointer is not None and len(candidates):
-                where = np.searchsorted(candidates, copied).clip(max=len(candidates) - 1)
-                kept = torch.from_numpy(candidates[where] == copied)
-                scores.index_add_(0, torch.from_numpy(where)[kept], copy_scores[kept])
+            if pointer is not None:
+                where = find_ids(candidates, copied)
+                kept = where >= 0
+                scores.index_add_(0, torch.from_numpy(where[kept]),
+                                  copy_scores[torch.from_numpy(kept)])
             if seen_bias is not None:
-                scores += seen_bias * torch.from_numpy(contains(visible, candidates))
+                scores += seen_bias * torch.from_numpy(find_ids(visible, candidates) >= 0)
             log_total = self._log_normalizer(scores, sample_scores[row], candidates, seen)
             top = scores.topk(min(k, len(scores)))
             results.append((candidates[top.indices.numpy()],
@@ -329,8 +322,8 @@ class ApproximateScorer:
         overwritten."""
         rest = self.n_songs - len(candidates) - len(seen)
         excluded = np.concatenate([candidates, seen])
-        where = np.searchsorted(self.sample, excluded).clip(max=len(self.sample) - 1)
-        inside = where[self.sample[where] == excluded]  # no repeats: the two parts are disjoint
+        where = find_ids(self.sample, excluded)
+        inside = where[where >= 0]  # no repeats: the two parts are disjoint
         kept = len(self.sample) - len(inside)
         if rest <= 0 or kept == 0:
             return scores.logsumexp(dim=0)
