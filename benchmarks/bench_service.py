@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 import psycopg2
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg2 import sql
 from psycopg2.extensions import make_dsn
 
@@ -356,12 +357,12 @@ def batch_totals(port: int) -> tuple[float, float]:
         text = connection.getresponse().read().decode()
     finally:
         connection.close()
-    totals = {"count": 0.0, "sum": 0.0}
-    for line in text.splitlines():
-        for part in totals:
-            if line.startswith(f"b4mr_job_batch_seconds_{part}"):
-                totals[part] += float(line.split()[-1])
-    return totals["count"], totals["sum"]
+    totals = {"b4mr_job_batch_seconds_count": 0.0, "b4mr_job_batch_seconds_sum": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+    return totals["b4mr_job_batch_seconds_count"], totals["b4mr_job_batch_seconds_sum"]
 
 
 def bench_async(port: int, database: ThrowawayDatabase, playlist_ids: list[int], k: int
